@@ -1,0 +1,190 @@
+"""The `clusterctl-tui` command.
+
+`up` starts a primary (with the console, or `--headless`); the other commands
+talk to a running primary through its control socket. Bad input of any kind
+ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from .config import ConfigError, Settings, load_settings, parse_workers
+from .control import ControlError, request, resolve_socket
+
+EXIT_BAD_INPUT = 2
+COMMANDS = {"up", "status", "scale", "reload", "stop", "kill", "check"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clusterctl-tui",
+        description="Run a Python web app as a supervised pre-fork cluster, with a live console.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config", metavar="PATH", help="config file (default: ./clusterctl.toml or pyproject.toml)"
+        )
+        p.add_argument("--db", metavar="PATH", help="the store (default: .clusterctl/state.db)")
+        return p
+
+    def control(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = with_config(sub.add_parser(name, help=help_text, description=help_text))
+        p.add_argument(
+            "--socket", metavar="PATH", help="control socket, when several primaries share the store"
+        )
+        return p
+
+    up = with_config(sub.add_parser("up", help="start the primary (the default command)"))
+    up.add_argument("--headless", action="store_true", help="no console; event lines on stderr (for systemd)")
+    up.add_argument("--app", metavar="MODULE:ATTR", help="the ASGI or WSGI app to serve")
+    up.add_argument("--bind", metavar="ADDR", help="HOST:PORT or unix:/path")
+    up.add_argument("--workers", metavar="N", help='number of workers, or "auto" (usable CPUs)')
+
+    status = control("status", "show the running cluster")
+    status.add_argument("--json", action="store_true", help="print the status object as JSON")
+    scale = control("scale", "set the worker count: N, +K or -K")
+    scale.add_argument("count", metavar="N|+K|-K")
+    control("reload", "rolling restart; exits non-zero if it rolled back")
+    control("stop", "graceful shutdown of the whole cluster")
+    kill = control("kill", "SIGKILL one worker (it is replaced)")
+    kill.add_argument("worker", type=int, metavar="WORKER_ID")
+    with_config(sub.add_parser("check", help="validate the config and exit"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help")):
+        args_list.insert(0, "up")
+    args = _parser().parse_args(args_list)
+    try:
+        code = _dispatch(args)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except ControlError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    print(f"clusterctl-tui: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _settings(args: argparse.Namespace, **flags: Any) -> Settings:
+    overrides = {key: value for key, value in flags.items() if value is not None}
+    if getattr(args, "db", None):
+        overrides["db"] = args.db
+    return load_settings(args.config, overrides)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "up":
+        if args.workers is not None:
+            parse_workers(args.workers, "--workers")
+        settings = _settings(args, app=args.app, bind=args.bind, workers=args.workers)
+        return _up(settings, args.headless)
+    if args.command == "check":
+        settings = _settings(args)
+        source = settings.source or "no config file (the bundled demo)"
+        print(
+            f"config OK ({source}): app {settings.app.target}, bind {settings.server.bind}, "
+            f"{settings.server.workers} workers, {len(settings.jobs)} jobs, {len(settings.webhooks)} webhooks"
+        )
+        return 0
+    settings = _settings(args)
+    path = resolve_socket(settings.store.path, args.socket)
+    if args.command == "status":
+        status = request(path, "status")
+        print(json.dumps(status, indent=2) if args.json else _format_status(status))
+        return 0
+    if args.command == "scale":
+        text = args.count.strip()
+        if not text.lstrip("+-").isdigit():
+            _fail(f"scale: expected N, +K or -K, got {args.count!r}")
+        payload = {"delta": int(text)} if text[0] in "+-" else {"count": int(text)}
+        result = request(path, "scale", payload)
+        print(f"desired workers: {result['desired_workers']}")
+        return 0
+    if args.command == "reload":
+        try:
+            result = request(path, "reload", timeout=None)
+        except ControlError as exc:
+            print(f"clusterctl-tui: {exc}", file=sys.stderr)
+            return 1
+        print(f"reloaded: generation {result['generation']}")
+        return 0
+    if args.command == "kill":
+        result = request(path, "kill", {"worker": args.worker})
+        print(f"killed worker {args.worker} (pid {result['pid']})")
+        return 0
+    if args.command == "stop":
+        result = request(path, "stop")
+        return _wait_gone(int(result["pid"]), settings.server.graceful_timeout + 15)
+    raise AssertionError(args.command)
+
+
+def _up(settings: Settings, headless: bool) -> int:
+    if not headless:
+        try:
+            from console.app import run_console
+        except ImportError:
+            print("clusterctl-tui: the console is not built yet; running headless", file=sys.stderr)
+        else:
+            return run_console(settings)
+    from .headless import run_headless
+
+    return asyncio.run(run_headless(settings))
+
+
+def _wait_gone(pid: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"stopped (primary {pid})")
+            return 0
+        time.sleep(0.05)
+    print(f"clusterctl-tui: primary {pid} still running after {timeout:g}s", file=sys.stderr)
+    return 1
+
+
+def _format_status(status: dict[str, Any]) -> str:
+    primary = status["primary"]
+    workers = status["workers"]
+    ready = sum(1 for w in workers if w["state"] == "ready")
+    totals = status.get("totals", {})
+    lines = [
+        f"primary {primary['pid']} on {primary['bind']}: {ready}/{status['desired_workers']} workers ready, "
+        f"generation {status.get('generation', 1)}, {totals.get('requests_per_second', 0):.1f} req/s, "
+        f"p99 {totals.get('p99_ms', 0):.1f} ms",
+        f"{'ID':>3} {'PID':>8} {'STATE':<9} {'GEN':>3} {'CPU%':>6} {'RSS':>8} {'REQ/S':>8} "
+        f"{'P99MS':>7} {'REQUESTS':>9} {'RESTARTS':>8}",
+    ]
+    for w in workers:
+        rss = f"{w['rss_bytes'] / 1048576:.0f}M" if w["rss_bytes"] else "-"
+        lines.append(
+            f"{w['id']:>3} {w['pid'] or '-':>8} {w['state']:<9} {w['generation']:>3} {w['cpu_percent']:>6.1f} "
+            f"{rss:>8} {w['requests_per_second']:>8.1f} {w['p99_ms']:>7.1f} {w['requests_total']:>9} "
+            f"{w['restarts']:>8}"
+        )
+    hooks = status.get("webhooks", {})
+    lines.append(
+        f"webhooks: {hooks.get('pending', 0)} pending, {hooks.get('failed', 0)} failed, "
+        f"{hooks.get('delivered', 0)} delivered"
+    )
+    if status.get("store_error"):
+        lines.append(f"store: {status['store_error']}")
+    return "\n".join(lines)

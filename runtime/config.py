@@ -1,0 +1,403 @@
+"""The config loader: `clusterctl.toml`, `[tool.clusterctl]` in pyproject.toml, flags on top.
+
+Everything is validated before anything starts. A problem raises `ConfigError`
+with one line that names the file and the key, so the CLI can print it and
+exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import zoneinfo
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from croniter import croniter
+
+DEMO_TARGET = "runtime.demo:app"
+
+
+class ConfigError(Exception):
+    """A config problem, worded for the operator in one line."""
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    target: str = DEMO_TARGET
+    interface: str = "auto"
+    before_start: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bind: str = "127.0.0.1:8000"
+    workers: int = 1
+    graceful_timeout: float = 30.0
+    timeout: float = 30.0
+    health_path: str | None = None
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_memory_mb: int = 0
+    reload_batch: int = 1
+    ready_timeout: float = 60.0
+    keepalive_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path = Path(".clusterctl/state.db")
+    keep_runs: int = 1000
+    keep_days: float = 30.0
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    schedule: str
+    timezone: str = "UTC"
+    command: tuple[str, ...] | None = None
+    call: str | None = None
+    http: dict[str, Any] | None = None
+    timeout: float = 600.0
+    overlap: str = "skip"
+    catch_up: str = "latest"
+    retries: int = 0
+    jitter: float = 0.0
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    name: str
+    url: str
+    events: tuple[str, ...] = ("*",)
+    # The reference (`env:NAME`, `file:PATH` or the literal); resolved only where it is used.
+    secret: str = field(default="", repr=False)
+    max_attempts: int = 8
+    timeout: float = 10.0
+    concurrency: int = 4
+
+
+@dataclass(frozen=True)
+class Settings:
+    app: AppConfig = AppConfig()
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    jobs: tuple[JobConfig, ...] = ()
+    webhooks: tuple[WebhookConfig, ...] = ()
+    source: Path | None = None
+
+    @property
+    def is_demo(self) -> bool:
+        return self.app.target == DEMO_TARGET
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def find_config(cwd: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The config that applies in `cwd`: clusterctl.toml, else [tool.clusterctl] in pyproject.toml."""
+    own = cwd / "clusterctl.toml"
+    if own.is_file():
+        return own, _read_toml(own)
+    pyproject = cwd / "pyproject.toml"
+    if pyproject.is_file():
+        section = _read_toml(pyproject).get("tool", {}).get("clusterctl")
+        if section is not None:
+            if not isinstance(section, dict):
+                raise ConfigError(f"{pyproject}: [tool.clusterctl] must be a table")
+            return pyproject, section
+    return None
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Read the config (explicit path, or discovered in `cwd`), apply flag overrides, validate.
+
+    `overrides` keys are `app`, `bind`, `workers`, `db` (the `up` flags).
+    """
+    cwd = cwd or Path.cwd()
+    source: Path | None
+    if config_path is not None:
+        source = Path(config_path)
+        if not source.is_file():
+            raise ConfigError(f"config file not found: {source}")
+        raw = _read_toml(source)
+        if source.name == "pyproject.toml":
+            raw = raw.get("tool", {}).get("clusterctl", {})
+    else:
+        found = find_config(cwd)
+        source, raw = found if found else (None, {})
+    return _build(raw, overrides or {}, source, cwd)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+class _Section:
+    """Typed reads from one table, each error naming `where` and the key."""
+
+    def __init__(self, where: str, table: Any, known: set[str]) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
+        self.where = where
+        self.table = table
+
+    def has(self, key: str) -> bool:
+        return key in self.table
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.where} {key}: {message}")
+
+    def string(self, key: str, default: str | None, choices: tuple[str, ...] = ()) -> str | None:
+        value = self.table.get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str) or (not value and not choices):
+            raise self.fail(key, f"expected a non-empty string, got {value!r}")
+        if choices and value not in choices:
+            raise self.fail(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float, minimum: float = 0, integer: bool = False) -> Any:
+        value = self.table.get(key, default)
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            kind = "an integer" if integer else "a number"
+            raise self.fail(key, f"expected {kind}, got {value!r}")
+        if value < minimum:
+            raise self.fail(key, f"must be at least {minimum}, got {value!r}")
+        return value
+
+    def argv(self, key: str) -> tuple[str, ...] | None:
+        value = self.table.get(key)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = value.split()
+        if not value or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, f"expected a list of strings (argv), got {value!r}")
+        return tuple(value)
+
+
+_TOP = {"app", "server", "store", "jobs", "webhooks"}
+_APP = {"target", "interface", "before_start"}
+_SERVER = {
+    "bind",
+    "workers",
+    "graceful_timeout",
+    "timeout",
+    "health_path",
+    "max_requests",
+    "max_requests_jitter",
+    "max_memory_mb",
+    "reload_batch",
+    "ready_timeout",
+    "keepalive_timeout",
+}
+_STORE = {"path", "keep_runs", "keep_days"}
+_JOB = {
+    "name",
+    "schedule",
+    "timezone",
+    "command",
+    "call",
+    "http",
+    "timeout",
+    "overlap",
+    "catch_up",
+    "retries",
+    "jitter",
+}
+_WEBHOOK = {"name", "url", "events", "secret", "max_attempts", "timeout", "concurrency"}
+
+
+def _build(raw: dict[str, Any], overrides: dict[str, Any], source: Path | None, cwd: Path) -> Settings:
+    label = str(source) if source else "config"
+    top = _Section(label, raw, _TOP)
+    app = _app(_Section(f"{label}: [app]", raw.get("app", {}), _APP), overrides)
+    server = _server(_Section(f"{label}: [server]", raw.get("server", {}), _SERVER), overrides)
+    store = _store(_Section(f"{label}: [store]", raw.get("store", {}), _STORE), overrides, cwd)
+    jobs = _jobs(label, top.table.get("jobs", []))
+    webhooks = _webhooks(label, top.table.get("webhooks", []))
+    return Settings(app=app, server=server, store=store, jobs=jobs, webhooks=webhooks, source=source)
+
+
+def _app(s: _Section, overrides: dict[str, Any]) -> AppConfig:
+    target = overrides.get("app") or s.string("target", DEMO_TARGET)
+    assert target is not None
+    module, _, attr = target.partition(":")
+    if not module or not attr or not all(part.isidentifier() for part in module.split(".")):
+        raise ConfigError(f"app target {target!r}: expected MODULE:ATTR, like myapp.main:app")
+    interface = s.string("interface", "auto", ("auto", "asgi", "wsgi"))
+    before_start = s.argv("before_start") or ()
+    return AppConfig(target=target, interface=interface or "auto", before_start=before_start)
+
+
+def _server(s: _Section, overrides: dict[str, Any]) -> ServerConfig:
+    bind = overrides.get("bind") or s.string("bind", ServerConfig.bind)
+    assert bind is not None
+    parse_bind(bind)
+    workers_raw = overrides.get("workers", s.table.get("workers", "auto"))
+    workers = parse_workers(workers_raw, f"{s.where} workers")
+    health = s.string("health_path", None)
+    if health is not None and not health.startswith("/"):
+        raise s.fail("health_path", f"must start with '/', got {health!r}")
+    max_requests = s.number("max_requests", 0, integer=True)
+    return ServerConfig(
+        bind=bind,
+        workers=workers,
+        graceful_timeout=s.number("graceful_timeout", 30.0),
+        timeout=s.number("timeout", 30.0, minimum=0.5),
+        health_path=health,
+        max_requests=max_requests,
+        max_requests_jitter=s.number("max_requests_jitter", max_requests // 20, integer=True),
+        max_memory_mb=s.number("max_memory_mb", 0, integer=True),
+        reload_batch=s.number("reload_batch", 1, minimum=1, integer=True),
+        ready_timeout=s.number("ready_timeout", 60.0, minimum=0.5),
+        keepalive_timeout=s.number("keepalive_timeout", 5.0, minimum=0.1),
+    )
+
+
+def parse_workers(value: Any, where: str = "workers") -> int:
+    if value == "auto":
+        return usable_cpus()
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f'{where}: expected a positive integer or "auto", got {value!r}')
+    return value
+
+
+def parse_bind(bind: str) -> tuple[str, int] | str:
+    """`host:port` → (host, port); `unix:/path` → path. Raises ConfigError."""
+    if bind.startswith("unix:"):
+        path = bind[len("unix:") :]
+        if not path:
+            raise ConfigError(f"bind {bind!r}: expected unix:/path/to.sock")
+        return path
+    host, sep, port = bind.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"bind {bind!r}: expected HOST:PORT (like 127.0.0.1:8000) or unix:/path")
+    return host, int(port)
+
+
+def _store(s: _Section, overrides: dict[str, Any], cwd: Path) -> StoreConfig:
+    raw = overrides.get("db") or s.string("path", str(StoreConfig.path))
+    assert raw is not None
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = cwd / path
+    return StoreConfig(
+        path=path,
+        keep_runs=s.number("keep_runs", 1000, minimum=1, integer=True),
+        keep_days=s.number("keep_days", 30.0, minimum=0.001),
+    )
+
+
+def _list_of_tables(label: str, key: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{label}: {key} must be an array of tables ([[{key}]])")
+    return value
+
+
+def _jobs(label: str, raw: Any) -> tuple[JobConfig, ...]:
+    jobs: list[JobConfig] = []
+    for index, table in enumerate(_list_of_tables(label, "jobs", raw)):
+        name = table.get("name") if isinstance(table, dict) else None
+        s = _Section(f"{label}: [[jobs]] {name or f'#{index + 1}'}", table, _JOB)
+        name = s.string("name", None)
+        if name is None:
+            raise s.fail("name", "missing")
+        if any(job.name == name for job in jobs):
+            raise s.fail("name", f"duplicate job name {name!r}")
+        schedule = s.string("schedule", None)
+        if schedule is None:
+            raise s.fail("schedule", "missing")
+        if len(schedule.split()) not in (5, 6) or not croniter.is_valid(schedule):
+            raise s.fail(
+                "schedule", f"not a valid cron expression (5 fields, or 6 with seconds): {schedule!r}"
+            )
+        timezone = s.string("timezone", "UTC")
+        assert timezone is not None
+        try:
+            zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise s.fail("timezone", f"unknown time zone {timezone!r}") from None
+        kinds = [key for key in ("command", "call", "http") if s.has(key)]
+        if len(kinds) != 1:
+            raise s.fail(
+                "command", f"exactly one of command / call / http is required, got {kinds or 'none'}"
+            )
+        http = table.get("http")
+        if http is not None and (not isinstance(http, dict) or not isinstance(http.get("url"), str)):
+            raise s.fail("http", 'expected a table with at least url = "http://..."')
+        jobs.append(
+            JobConfig(
+                name=name,
+                schedule=schedule,
+                timezone=timezone,
+                command=s.argv("command"),
+                call=s.string("call", None),
+                http=http,
+                timeout=s.number("timeout", 600.0, minimum=0.001),
+                overlap=s.string("overlap", "skip", ("skip", "allow", "replace")) or "skip",
+                catch_up=s.string("catch_up", "latest", ("none", "latest", "all")) or "latest",
+                retries=s.number("retries", 0, integer=True),
+                jitter=s.number("jitter", 0.0),
+            )
+        )
+    return tuple(jobs)
+
+
+def _webhooks(label: str, raw: Any) -> tuple[WebhookConfig, ...]:
+    hooks: list[WebhookConfig] = []
+    for index, table in enumerate(_list_of_tables(label, "webhooks", raw)):
+        name = table.get("name") if isinstance(table, dict) else None
+        s = _Section(f"{label}: [[webhooks]] {name or f'#{index + 1}'}", table, _WEBHOOK)
+        name = s.string("name", None)
+        if name is None:
+            raise s.fail("name", "missing")
+        if any(hook.name == name for hook in hooks):
+            raise s.fail("name", f"duplicate webhook name {name!r}")
+        url = s.string("url", None)
+        if url is None or not url.startswith(("http://", "https://")):
+            raise s.fail("url", "expected an http:// or https:// URL")
+        events = table.get("events", ["*"])
+        if not isinstance(events, list) or not events or not all(isinstance(e, str) and e for e in events):
+            raise s.fail("events", "expected a non-empty list of event names or prefix.* patterns")
+        secret = table.get("secret", "")
+        if not isinstance(secret, str):
+            # Never echo the value: it may be the secret itself.
+            raise s.fail("secret", "expected a string (env:NAME, file:PATH or whsec_...)")
+        hooks.append(
+            WebhookConfig(
+                name=name,
+                url=url,
+                events=tuple(events),
+                secret=secret,
+                max_attempts=s.number("max_attempts", 8, minimum=1, integer=True),
+                timeout=s.number("timeout", 10.0, minimum=0.001),
+                concurrency=s.number("concurrency", 4, minimum=1, integer=True),
+            )
+        )
+    return tuple(hooks)

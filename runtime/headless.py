@@ -1,0 +1,33 @@
+"""`clusterctl-tui up --headless`: the primary without the console, event lines on stderr."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+
+from .config import Settings
+from .control import socket_path
+from .events import Event
+from .primary import Primary, StartupError
+
+EXIT_BAD_INPUT = 2
+
+
+def format_event(event: Event) -> str:
+    when = datetime.fromtimestamp(event.at).strftime("%Y-%m-%d %H:%M:%S")
+    who = f" worker {event.worker_id} (pid {event.pid})" if event.worker_id is not None else ""
+    return f"{when} {event.kind}{who}: {event.message}"
+
+
+async def run_headless(settings: Settings) -> int:
+    primary = Primary(settings)
+    primary.events.subscribe(lambda event: print(format_event(event), file=sys.stderr, flush=True))
+    try:
+        await primary.start()
+    except StartupError as exc:
+        print(f"clusterctl-tui: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    control = socket_path(settings.store.path, primary.pid)
+    print(f"clusterctl-tui: control socket {control}", file=sys.stderr, flush=True)
+    await primary.wait()
+    return 0

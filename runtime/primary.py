@@ -1,0 +1,312 @@
+"""The primary: binds once, owns the store, the supervisor and the control socket.
+
+`Primary` is the runtime's public face. The headless CLI and the Textual
+console drive the same object: `start()`, then `snapshot()` as often as they
+like, actions (`scale`, `reload`, `kill_worker`, `request_stop`), and
+`wait()` until the cluster has stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import deque
+from typing import Any
+
+import psutil
+
+from .config import Settings
+from .control import ControlError, ControlServer, socket_path
+from .events import EventBus
+from .listeners import BindError, Listener, bind
+from .logs import WorkerLogs
+from .metrics import HISTORY, percentile
+from .snapshot import ClusterSnapshot
+from .store import AsyncStore, Store, StoreError, utc_now_iso
+from .supervisor import BootError, ReloadFailed, Supervisor
+
+HOUSEKEEPING_INTERVAL = 1.0
+PRUNE_EVERY = 3600.0
+
+
+class StartupError(Exception):
+    """The cluster cannot start; the message names the problem (the CLI exits 2)."""
+
+
+class Primary:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pid = os.getpid()
+        self.events = EventBus()
+        self.started_at = ""
+        self.store: AsyncStore | None = None
+        self.logs: WorkerLogs | None = None
+        self.listener: Listener | None = None
+        self.control: ControlServer | None = None
+        self.supervisor: Supervisor | None = None
+        self.webhook_counts = {"pending": 0, "failed": 0, "delivered": 0}
+        self.primary_cpu = 0.0
+        self.primary_rss = 0
+        self.rps_history: deque[float] = deque(maxlen=HISTORY)
+        self._stopped: asyncio.Event | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._signals: list[int] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the store, bind, run before_start, start the workers. StartupError leaves nothing running."""
+        self._stop_requested = asyncio.Event()
+        self._stopped = asyncio.Event()
+        try:
+            await self._start()
+        except BaseException:
+            await self._close()
+            raise
+        self.started_at = utc_now_iso()
+
+    async def _start(self) -> None:
+        settings = self.settings
+        store_path = settings.store.path
+        try:
+            self.store = AsyncStore(Store(store_path))
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            self.logs = WorkerLogs(store_path.parent / "logs")
+        except OSError as exc:
+            raise StartupError(f"cannot write logs beside the store: {exc.strerror or exc}") from None
+        try:
+            self.listener = bind(settings.server.bind)
+        except BindError as exc:
+            raise StartupError(str(exc)) from None
+        self.control = ControlServer(socket_path(store_path, self.pid), self._handle)
+        try:
+            await self.control.start()
+        except ControlError as exc:
+            raise StartupError(str(exc)) from None
+        await self._before_start()
+        self.supervisor = Supervisor(settings, self.listener, self.events, self.logs, self._record)
+        try:
+            await self.supervisor.start()
+        except BootError as exc:
+            raise StartupError(f"app {settings.app.target!r} did not start: {exc}") from None
+        self._install_signals()
+        self._spawn(self._housekeeping())
+        self.events.publish(
+            "cluster.started",
+            f"serving {settings.app.target} on {self.listener.address} with {self.supervisor.desired} workers",
+        )
+
+    async def wait(self) -> None:
+        """Return once a stop was requested and the cluster has drained."""
+        assert self._stop_requested is not None and self._stopped is not None
+        await self._stop_requested.wait()
+        await self._close()
+
+    def request_stop(self) -> None:
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def _close(self) -> None:
+        assert self._stopped is not None
+        if self._stopped.is_set():
+            return
+        self.events.publish("cluster.stopping", "stopping: draining all workers")
+        for sig in self._signals:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(sig)
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.control is not None:
+            await self.control.close()
+        if self.listener is not None:
+            self.listener.close()
+        if self.logs is not None:
+            self.logs.close()
+        if self.store is not None:
+            self.store.close()
+        self._stopped.set()
+        self.events.publish("cluster.stopped", "stopped")
+
+    async def _before_start(self) -> None:
+        argv = self.settings.app.before_start
+        if not argv:
+            return
+        env = {**os.environ, **self.primary_env()}
+        self.events.publish("cluster.before_start", f"running before_start: {' '.join(argv)}")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+            )
+        except OSError as exc:
+            raise StartupError(f"before_start {argv[0]!r} cannot run: {exc.strerror or exc}") from None
+        output, _ = await proc.communicate()
+        lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
+        for line in lines[-20:]:
+            self.events.publish("cluster.before_start.output", line)
+        if proc.returncode != 0:
+            last = f": {lines[-1].strip()}" if lines else ""
+            raise StartupError(
+                f"before_start {' '.join(argv)!r} failed with exit code {proc.returncode}{last}; no worker started"
+            )
+
+    def primary_env(self) -> dict[str, str]:
+        """The environment of the primary's own child processes (before_start, jobs)."""
+        return {
+            "CLUSTERCTL_INSTANCE_TYPE": "primary",
+            "CLUSTERCTL_PRIMARY_PID": str(self.pid),
+            "CLUSTERCTL_DB": str(self.settings.store.path),
+        }
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        handlers = {
+            signal.SIGHUP: lambda: self._spawn(self._reload_quietly()),
+            signal.SIGTTIN: lambda: self.scale_by(1),
+            signal.SIGTTOU: lambda: self.scale_by(-1) if self.desired_workers > 1 else None,
+            signal.SIGTERM: self.request_stop,
+            signal.SIGINT: self.request_stop,
+        }
+        for sig, handler in handlers.items():
+            try:
+                loop.add_signal_handler(sig, handler)
+            except (RuntimeError, ValueError, NotImplementedError):  # not the main thread
+                continue
+            self._signals.append(sig)
+
+    # ------------------------------------------------------------------ actions
+
+    @property
+    def desired_workers(self) -> int:
+        return self.supervisor.desired if self.supervisor else self.settings.server.workers
+
+    def scale(self, count: int) -> int:
+        assert self.supervisor is not None
+        return self.supervisor.set_desired(count)
+
+    def scale_by(self, delta: int) -> int:
+        return self.scale(self.desired_workers + delta)
+
+    def kill_worker(self, worker_id: int) -> int:
+        assert self.supervisor is not None
+        return self.supervisor.kill(worker_id)
+
+    async def reload(self) -> int:
+        """Rolling restart; returns the new generation, raises ReloadFailed if it rolled back."""
+        assert self.supervisor is not None
+        await self.supervisor.reload()
+        return self.supervisor.generation
+
+    async def _reload_quietly(self) -> None:
+        with contextlib.suppress(ReloadFailed):
+            await self.reload()
+
+    # ------------------------------------------------------------------ observation
+
+    def snapshot(self) -> ClusterSnapshot:
+        assert self.supervisor is not None and self.listener is not None
+        sup = self.supervisor
+        now = time.monotonic()
+        workers = tuple(sup.worker_snapshots(now))
+        histogram = sup.window_histogram()
+        errors = requests = 0
+        for stats in sup.live_stats():
+            e, r = stats.window_errors()
+            errors, requests = errors + e, requests + r
+        return ClusterSnapshot(
+            pid=self.pid,
+            bind=self.listener.address,
+            desired_workers=sup.desired,
+            generation=sup.generation,
+            workers=workers,
+            requests_per_second=round(sum(w.requests_per_second for w in workers), 2),
+            p50_ms=round(percentile(histogram, 0.50), 3),
+            p99_ms=round(percentile(histogram, 0.99), 3),
+            error_rate=round(errors / requests, 4) if requests else 0.0,
+            cpu_percent=round(sum(w.cpu_percent for w in workers), 1),
+            rss_bytes=sum(w.rss_bytes for w in workers),
+            primary_cpu_percent=self.primary_cpu,
+            primary_rss_bytes=self.primary_rss,
+            rps_history=tuple(self.rps_history),
+            reload=sup.reload_snapshot(),
+            webhooks=dict(self.webhook_counts),
+            store_error=self.store.last_error if self.store else None,
+            started_at=self.started_at,
+        )
+
+    def _record(
+        self, worker_id: int, pid: int | None, event: str, exit_code: int | None, reason: str | None
+    ) -> None:
+        assert self.store is not None
+        self.store.submit(
+            self.store.store.record_worker_event, worker_id, pid, event, exit_code, reason, self.pid
+        )
+
+    async def _housekeeping(self) -> None:
+        assert self.store is not None and self.supervisor is not None
+        me = psutil.Process()
+        me.cpu_percent(None)
+        last_prune = 0.0
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            self.primary_cpu = me.cpu_percent(None)
+            self.primary_rss = me.memory_info().rss
+            self.rps_history.append(
+                round(sum(s.rate(time.monotonic()) for s in self.supervisor.live_stats()), 2)
+            )
+            try:
+                counts = await self.store.call(self.store.store.webhook_counts)
+                self.webhook_counts = {k: counts.get(k, 0) for k in ("pending", "failed", "delivered")}
+                if time.monotonic() - last_prune > PRUNE_EVERY:
+                    last_prune = time.monotonic()
+                    await self.store.call(
+                        self.store.store.prune_worker_events, keep_days=self.settings.store.keep_days
+                    )
+            except Exception as exc:  # the store may be full or read-only: say so, keep serving
+                self.store.last_error = f"store {self.settings.store.path}: {exc}"
+
+    # ------------------------------------------------------------------ control socket
+
+    async def _handle(self, cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "status":
+            return self.snapshot().to_status()
+        if cmd == "scale":
+            try:
+                if "delta" in args:
+                    count = self.scale_by(int(args["delta"]))
+                else:
+                    count = self.scale(int(args["count"]))
+            except ValueError as exc:
+                raise ControlError(str(exc)) from None
+            return {"desired_workers": count}
+        if cmd == "reload":
+            try:
+                generation = await self.reload()
+            except ReloadFailed as exc:
+                raise ControlError(f"reload rolled back: {exc}") from None
+            return {"generation": generation}
+        if cmd == "kill":
+            try:
+                return {"pid": self.kill_worker(int(args["worker"]))}
+            except LookupError as exc:
+                raise ControlError(str(exc)) from None
+        if cmd == "stop":
+            self.request_stop()
+            return {"stopping": True, "pid": self.pid}
+        raise ControlError(f"unknown command {cmd!r}")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,353 @@
+"""The worker entry point: `python -m runtime.worker`, spawned by the primary.
+
+A worker is a fresh interpreter. It inherits the listening socket(s) and one
+end of a private channel (a unix socketpair) from the primary, imports the
+app, and serves it with uvicorn's httptools protocol on a uvloop loop. It does
+its own accepting (`Acceptor`) so that stopping can never strand a connection
+that was accepted but not yet handed to the protocol (cpython #109564), and so
+that TCP_NODELAY is set on every accepted socket.
+
+Channel messages are JSON lines. Worker → primary: `boot` (app loaded, health
+socket open), `ready` (accepting), `hb` (heartbeat with cumulative counters),
+`fatal` (cannot start: the error). Primary → worker: `accept`, `drain`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import faulthandler
+import functools
+import importlib
+import inspect
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+import traceback
+from email.utils import formatdate
+from typing import Any
+
+import uvicorn
+import uvloop
+from uvicorn.server import ServerState
+
+from .metrics import RequestCounters
+
+SPEC_ENV = "CLUSTERCTL_WORKER_SPEC"
+EXIT_BOOT_ERROR = 3  # the app could not be loaded; retrying right away will not help
+EXIT_PRIMARY_GONE = 70
+_PR_SET_PDEATHSIG = 1
+
+
+class AppLoadError(Exception):
+    pass
+
+
+def health_socket_name(primary_pid: int, worker_pid: int) -> str:
+    """Abstract unix socket (no file to clean up) on which a worker answers the primary's health check."""
+    return f"\0clusterctl/{primary_pid}/{worker_pid}/health"
+
+
+def load_app(target: str, interface: str) -> tuple[Any, str]:
+    """Import MODULE:ATTR and return (an ASGI 3 callable, the interface it was detected as)."""
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:  # the app may sys.exit() or raise anything at import time
+        traceback.print_exc()
+        raise AppLoadError(f"cannot import app {target!r}: {type(exc).__name__}: {exc}") from None
+    app: Any = module
+    for part in attr.split("."):
+        try:
+            app = getattr(app, part)
+        except AttributeError:
+            raise AppLoadError(
+                f"cannot load app {target!r}: module {module_name!r} has no {attr!r}"
+            ) from None
+    if not callable(app):
+        raise AppLoadError(f"cannot load app {target!r}: {type(app).__name__} object is not callable")
+    kind = detect_interface(app) if interface == "auto" else interface
+    if kind == "wsgi":
+        from a2wsgi import WSGIMiddleware
+
+        return WSGIMiddleware(app), "wsgi"
+    if kind == "asgi2":
+        from uvicorn.middleware.asgi2 import ASGI2Middleware
+
+        return ASGI2Middleware(app), "asgi2"
+    return app, "asgi3"
+
+
+def detect_interface(app: Any) -> str:
+    """asgi3 for an async callable, wsgi for a sync one taking (environ, start_response)."""
+    call = app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", None)  # noqa: B004
+    if inspect.iscoroutinefunction(call):
+        return "asgi3"
+    if inspect.isclass(app):
+        return "asgi2"
+    try:
+        params = [
+            p
+            for p in inspect.signature(call).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        return "asgi3"
+    if len(params) == 2:
+        return "wsgi"
+    if len(params) == 1:
+        return "asgi2"
+    return "asgi3"
+
+
+class MetricsMiddleware:
+    """Counts requests by status class, times them, and asks for `Connection: close` while draining."""
+
+    def __init__(self, app: Any, counters: RequestCounters, worker: Worker) -> None:
+        self.app = app
+        self.counters = counters
+        self.worker = worker
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        counters = self.counters
+        worker = self.worker
+        status = 0
+
+        async def watch(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if worker.draining:
+                    # The client learns this connection is ending with this response, so it
+                    # never sends its next request into a socket we are about to close.
+                    message = dict(message)
+                    message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
+            await send(message)
+
+        counters.in_flight += 1
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, watch)
+        except BaseException:
+            status = status or 500
+            raise
+        finally:
+            counters.in_flight -= 1
+            counters.record(status, time.perf_counter() - started)
+
+
+class Acceptor:
+    """Accepts on the inherited listening sockets and hands each connection to uvicorn's protocol.
+
+    One accept per readiness wake-up: every worker woken on the shared socket gets
+    a fair chance at the next connection instead of one worker taking a burst.
+    """
+
+    def __init__(self, sockets: list[socket.socket], factory: Any) -> None:
+        self.sockets = sockets
+        self.factory = factory
+        self.pending: set[asyncio.Task[Any]] = set()
+        self.accepting = False
+
+    def start(self) -> None:
+        if self.accepting:
+            return
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        self.accepting = True
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:  # EMFILE and friends: say so, keep serving the connections we have
+            print(f"accept failed: {exc}", file=sys.stderr)
+            return
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(self.factory, conn))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def stop(self) -> None:
+        """Stop accepting; every connection already accepted is handed over before this returns."""
+        loop = asyncio.get_running_loop()
+        if self.accepting:
+            for sock in self.sockets:
+                loop.remove_reader(sock.fileno())
+        self.accepting = False
+        for sock in self.sockets:
+            sock.close()
+        if self.pending:
+            await asyncio.gather(*self.pending, return_exceptions=True)
+
+
+class Worker:
+    def __init__(self, app: Any, interface: str, spec: dict[str, Any], channel: socket.socket) -> None:
+        self.spec = spec
+        self.interface = interface
+        self.channel_sock = channel
+        self.counters = RequestCounters()
+        self.app = MetricsMiddleware(app, self.counters, self)
+        self.state = ServerState()
+        self.draining = False
+        self.done = asyncio.Event()
+        self._writer: asyncio.StreamWriter | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        reader, self._writer = await asyncio.open_unix_connection(sock=self.channel_sock)
+        self._spawn(self._heartbeat())
+        self._spawn(self._listen(reader))
+        loop.add_signal_handler(signal.SIGTERM, self.begin_drain)
+
+        config = uvicorn.Config(
+            app=self.app,
+            interface="asgi3",
+            http="httptools",
+            lifespan="off" if self.interface == "wsgi" else "auto",
+            access_log=False,
+            log_config=None,
+            timeout_keep_alive=self.spec["keepalive_timeout"],
+        )
+        config.load()
+        self._spawn(self._date_header(config.encoded_headers))
+        self.lifespan = config.lifespan_class(config)
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            self.send({"t": "fatal", "error": f"app {self.spec['target']!r}: lifespan startup failed"})
+            await self._flush()
+            return EXIT_BOOT_ERROR
+        factory = functools.partial(
+            config.http_protocol_class,
+            config=config,
+            server_state=self.state,
+            app_state=self.lifespan.state,
+        )
+        listeners = [socket.socket(fileno=fd) for fd in self.spec["listen_fds"]]
+        self.acceptor = Acceptor(listeners, factory)
+        health = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        health.bind(health_socket_name(int(os.environ["CLUSTERCTL_PRIMARY_PID"]), os.getpid()))
+        health.listen(16)
+        health.setblocking(False)
+        self.health_server = await loop.create_unix_server(factory, sock=health)
+        self.send({"t": "boot", "interface": self.interface})
+        await self.done.wait()
+        return 0
+
+    def begin_drain(self) -> None:
+        if not self.draining:
+            self.draining = True
+            self._spawn(self._drain())
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.acceptor.stop()
+        self.health_server.close()
+        deadline = loop.time() + self.spec["graceful_timeout"]
+        idle_cutoff = loop.time() + self.spec["keepalive_timeout"] + 0.5
+        while self.state.connections or self.state.tasks:
+            now = loop.time()
+            if now >= deadline:
+                break
+            if now >= idle_cutoff:
+                # Idle keep-alive connections that sent nothing since the drain began:
+                # the same close uvicorn's keep-alive timeout would make.
+                for conn in list(self.state.connections):
+                    if conn.cycle is None or conn.cycle.response_complete:
+                        conn.shutdown()
+            await asyncio.sleep(0.05)
+        for conn in list(self.state.connections):
+            conn.shutdown()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.lifespan.shutdown(), timeout=max(0.1, deadline - loop.time()))
+        self.send({"t": "drained"})
+        await self._flush()
+        self.done.set()
+
+    async def _flush(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._writer.drain(), timeout=1)
+
+    async def _heartbeat(self) -> None:
+        interval = self.spec["heartbeat_interval"]
+        while True:
+            message = self.counters.as_message()
+            message["t"] = "hb"
+            message["n"] = len(self.state.connections)
+            self.send(message)
+            await asyncio.sleep(interval)
+
+    async def _listen(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            kind = json.loads(line).get("t")
+            if kind == "accept" and not self.draining:
+                self.acceptor.start()
+                self.send({"t": "ready"})
+            elif kind == "drain":
+                self.begin_drain()
+        # The primary is gone (its end of the channel closed): never outlive it.
+        os._exit(EXIT_PRIMARY_GONE)
+
+    async def _date_header(self, encoded_headers: list[tuple[bytes, bytes]]) -> None:
+        while True:
+            date = formatdate(time.time(), usegmt=True).encode()
+            self.state.default_headers = [(b"date", date), *encoded_headers]
+            await asyncio.sleep(1)
+
+
+def _die_with_primary(primary_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the primary dies, however it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != primary_pid:  # it died before the line above took effect
+        os._exit(EXIT_PRIMARY_GONE)
+
+
+def main() -> None:
+    spec = json.loads(os.environ[SPEC_ENV])
+    _die_with_primary(int(os.environ["CLUSTERCTL_PRIMARY_PID"]))
+    # Terminal signals are the primary's to handle; it tells us what to do over the channel.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A hung worker gets SIGABRT: dump every thread's stack to stderr, but leave no core file.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    faulthandler.enable()
+    channel = socket.socket(fileno=spec["channel_fd"])
+    try:
+        app, interface = load_app(spec["target"], spec["interface"])
+    except AppLoadError as exc:
+        line = json.dumps({"t": "fatal", "error": str(exc)}) + "\n"
+        with contextlib.suppress(OSError):
+            channel.sendall(line.encode())
+        sys.exit(EXIT_BOOT_ERROR)
+
+    sys.exit(uvloop.run(Worker(app, interface, spec, channel).run()))
+
+
+if __name__ == "__main__":
+    main()
