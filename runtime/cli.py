@@ -30,17 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--config", metavar="PATH", help="config file (default: ./clusterctl.toml or pyproject.toml)"
-        )
+        p.add_argument("--config", metavar="PATH", help="config file (default: ./clusterctl.toml or pyproject.toml)")
         p.add_argument("--db", metavar="PATH", help="the store (default: .clusterctl/state.db)")
         return p
 
     def control(name: str, help_text: str) -> argparse.ArgumentParser:
         p = with_config(sub.add_parser(name, help=help_text, description=help_text))
-        p.add_argument(
-            "--socket", metavar="PATH", help="control socket, when several primaries share the store"
-        )
+        p.add_argument("--socket", metavar="PATH", help="control socket, when several primaries share the store")
         return p
 
     up = with_config(sub.add_parser("up", help="start the primary (the default command)"))

@@ -334,9 +334,7 @@ def _jobs(label: str, raw: Any) -> tuple[JobConfig, ...]:
         if schedule is None:
             raise s.fail("schedule", "missing")
         if len(schedule.split()) not in (5, 6) or not croniter.is_valid(schedule):
-            raise s.fail(
-                "schedule", f"not a valid cron expression (5 fields, or 6 with seconds): {schedule!r}"
-            )
+            raise s.fail("schedule", f"not a valid cron expression (5 fields, or 6 with seconds): {schedule!r}")
         timezone = s.string("timezone", "UTC")
         assert timezone is not None
         try:
@@ -345,9 +343,7 @@ def _jobs(label: str, raw: Any) -> tuple[JobConfig, ...]:
             raise s.fail("timezone", f"unknown time zone {timezone!r}") from None
         kinds = [key for key in ("command", "call", "http") if s.has(key)]
         if len(kinds) != 1:
-            raise s.fail(
-                "command", f"exactly one of command / call / http is required, got {kinds or 'none'}"
-            )
+            raise s.fail("command", f"exactly one of command / call / http is required, got {kinds or 'none'}")
         http = table.get("http")
         if http is not None and (not isinstance(http, dict) or not isinstance(http.get("url"), str)):
             raise s.fail("http", 'expected a table with at least url = "http://..."')

@@ -56,9 +56,7 @@ def resolve_socket(store_path: Path, explicit: str | None) -> Path:
         raise ControlError(f"no running primary for store {store_path} (start one with: clusterctl-tui up)")
     if len(found) > 1:
         names = ", ".join(str(p) for p in found)
-        raise ControlError(
-            f"{len(found)} primaries share store {store_path}; pick one with --socket: {names}"
-        )
+        raise ControlError(f"{len(found)} primaries share store {store_path}; pick one with --socket: {names}")
     return found[0]
 
 

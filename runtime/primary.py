@@ -245,13 +245,9 @@ class Primary:
             started_at=self.started_at,
         )
 
-    def _record(
-        self, worker_id: int, pid: int | None, event: str, exit_code: int | None, reason: str | None
-    ) -> None:
+    def _record(self, worker_id: int, pid: int | None, event: str, exit_code: int | None, reason: str | None) -> None:
         assert self.store is not None
-        self.store.submit(
-            self.store.store.record_worker_event, worker_id, pid, event, exit_code, reason, self.pid
-        )
+        self.store.submit(self.store.store.record_worker_event, worker_id, pid, event, exit_code, reason, self.pid)
 
     async def _housekeeping(self) -> None:
         assert self.store is not None and self.supervisor is not None
@@ -262,17 +258,13 @@ class Primary:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             self.primary_cpu = me.cpu_percent(None)
             self.primary_rss = me.memory_info().rss
-            self.rps_history.append(
-                round(sum(s.rate(time.monotonic()) for s in self.supervisor.live_stats()), 2)
-            )
+            self.rps_history.append(round(sum(s.rate(time.monotonic()) for s in self.supervisor.live_stats()), 2))
             try:
                 counts = await self.store.call(self.store.store.webhook_counts)
                 self.webhook_counts = {k: counts.get(k, 0) for k in ("pending", "failed", "delivered")}
                 if time.monotonic() - last_prune > PRUNE_EVERY:
                     last_prune = time.monotonic()
-                    await self.store.call(
-                        self.store.store.prune_worker_events, keep_days=self.settings.store.keep_days
-                    )
+                    await self.store.call(self.store.store.prune_worker_events, keep_days=self.settings.store.keep_days)
             except Exception as exc:  # the store may be full or read-only: say so, keep serving
                 self.store.last_error = f"store {self.settings.store.path}: {exc}"
 

@@ -32,9 +32,7 @@ def utc_now_iso() -> str:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-    )
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
@@ -141,9 +139,7 @@ class Store:
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def prune_worker_events(self, keep: int = 10_000, keep_days: float = 30.0) -> None:
-        cutoff = (
-            datetime.fromtimestamp(time.time() - keep_days * 86400, UTC).isoformat().replace("+00:00", "Z")
-        )
+        cutoff = datetime.fromtimestamp(time.time() - keep_days * 86400, UTC).isoformat().replace("+00:00", "Z")
         self.conn.execute(
             "DELETE FROM worker_events WHERE ts < ? OR id <= (SELECT MAX(id) FROM worker_events) - ?",
             (cutoff, keep),

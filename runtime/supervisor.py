@@ -164,9 +164,7 @@ class Supervisor:
             raise ValueError("the cluster needs at least 1 worker")
         before, self.desired = self.desired, count
         if count != before:
-            self.events.publish(
-                "cluster.scaled", f"scaled from {before} to {count} workers", old=before, new=count
-            )
+            self.events.publish("cluster.scaled", f"scaled from {before} to {count} workers", old=before, new=count)
         self.wake()
         return count
 
@@ -419,9 +417,7 @@ class Supervisor:
             try:
                 async with asyncio.timeout(5):
                     reader, writer = await asyncio.open_unix_connection(name)
-                    writer.write(
-                        f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
-                    )
+                    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
                     status_line = await reader.readline()
                     writer.close()
                 parts = status_line.split()
@@ -478,13 +474,9 @@ class Supervisor:
                 continue
             if worker.drain_deadline is not None:
                 if now > worker.drain_deadline:
-                    self._kill(
-                        worker, f"still draining after {self.server.graceful_timeout:g}s", signal.SIGKILL
-                    )
+                    self._kill(worker, f"still draining after {self.server.graceful_timeout:g}s", signal.SIGKILL)
                 continue
-            limit = (
-                self.server.timeout if worker.heard else max(self.server.timeout, self.server.ready_timeout)
-            )
+            limit = self.server.timeout if worker.heard else max(self.server.timeout, self.server.ready_timeout)
             if now - worker.last_seen > limit:
                 # SIGABRT first: faulthandler writes every thread's stack to stderr, which we keep.
                 self._kill(worker, f"no heartbeat for {limit:g}s", signal.SIGABRT)
@@ -503,9 +495,7 @@ class Supervisor:
                 continue
             reason = None
             if self.server.max_requests and worker.stats.requests_total >= worker.recycle_after:
-                reason = (
-                    f"served {worker.stats.requests_total} requests (max_requests {worker.recycle_after})"
-                )
+                reason = f"served {worker.stats.requests_total} requests (max_requests {worker.recycle_after})"
             elif limit_bytes and worker.rss_bytes > limit_bytes:
                 reason = f"RSS {worker.rss_bytes // (1024 * 1024)} MiB over max_memory_mb {self.server.max_memory_mb}"
             if reason:
@@ -570,9 +560,7 @@ class Supervisor:
             event = "recycled" if worker.recycling else "exited"
             self.record(worker.slot, worker.pid, event, code, worker.drain_reason)
             kind = "worker.recycled" if worker.recycling else "worker.exited"
-            self.events.publish(
-                kind, f"{event} ({worker.drain_reason})", worker.slot, worker.pid, exit_code=code
-            )
+            self.events.publish(kind, f"{event} ({worker.drain_reason})", worker.slot, worker.pid, exit_code=code)
         else:
             killed = worker.kill_reason is not None
             reason = worker.kill_reason or worker.fatal or how
@@ -661,9 +649,7 @@ class Supervisor:
             )
             raise
         state.state = "succeeded"
-        self.events.publish(
-            "cluster.reloaded", f"rolling restart done: generation {generation}", generation=generation
-        )
+        self.events.publish("cluster.reloaded", f"rolling restart done: generation {generation}", generation=generation)
 
     # ------------------------------------------------------------------ resources
 

@@ -66,9 +66,7 @@ def load_app(target: str, interface: str) -> tuple[Any, str]:
         try:
             app = getattr(app, part)
         except AttributeError:
-            raise AppLoadError(
-                f"cannot load app {target!r}: module {module_name!r} has no {attr!r}"
-            ) from None
+            raise AppLoadError(f"cannot load app {target!r}: module {module_name!r} has no {attr!r}") from None
     if not callable(app):
         raise AppLoadError(f"cannot load app {target!r}: {type(app).__name__} object is not callable")
     kind = detect_interface(app) if interface == "auto" else interface
