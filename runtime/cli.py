@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from typing import Any
+
+import psutil
 
 from .config import ConfigError, Settings, load_settings, parse_workers
 from .control import ControlError, request, resolve_socket
@@ -148,8 +149,10 @@ def _wait_gone(pid: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            gone = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            gone = True
+        if gone:
             print(f"stopped (primary {pid})")
             return 0
         time.sleep(0.05)
