@@ -107,7 +107,8 @@ def find_config(cwd: Path) -> tuple[Path, dict[str, Any]] | None:
         return own, _read_toml(own)
     pyproject = cwd / "pyproject.toml"
     if pyproject.is_file():
-        section = _read_toml(pyproject).get("tool", {}).get("clusterctl")
+        tool = _read_toml(pyproject).get("tool", {})
+        section = tool.get("clusterctl") if isinstance(tool, dict) else None
         if section is not None:
             if not isinstance(section, dict):
                 raise ConfigError(f"{pyproject}: [tool.clusterctl] must be a table")
@@ -132,7 +133,8 @@ def load_settings(
             raise ConfigError(f"config file not found: {source}")
         raw = _read_toml(source)
         if source.name == "pyproject.toml":
-            raw = raw.get("tool", {}).get("clusterctl", {})
+            tool = raw.get("tool", {})
+            raw = tool.get("clusterctl", {}) if isinstance(tool, dict) else {}
     else:
         found = find_config(cwd)
         source, raw = found if found else (None, {})
@@ -145,6 +147,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: the file is not UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
@@ -244,9 +248,9 @@ def _build(raw: dict[str, Any], overrides: dict[str, Any], source: Path | None, 
 def _app(s: _Section, overrides: dict[str, Any]) -> AppConfig:
     target = overrides.get("app") or s.string("target", DEMO_TARGET)
     assert target is not None
-    module, _, attr = target.partition(":")
-    if not module or not attr or not all(part.isidentifier() for part in module.split(".")):
-        raise ConfigError(f"app target {target!r}: expected MODULE:ATTR, like myapp.main:app")
+    if not is_import_target(target):
+        where = "--app" if overrides.get("app") else f"{s.where} target"
+        raise ConfigError(f"{where}: expected MODULE:ATTR, like myapp.main:app, got {target!r}")
     interface = s.string("interface", "auto", ("auto", "asgi", "wsgi"))
     before_start = s.argv("before_start") or ()
     return AppConfig(target=target, interface=interface or "auto", before_start=before_start)
@@ -255,7 +259,11 @@ def _app(s: _Section, overrides: dict[str, Any]) -> AppConfig:
 def _server(s: _Section, overrides: dict[str, Any]) -> ServerConfig:
     bind = overrides.get("bind") or s.string("bind", ServerConfig.bind)
     assert bind is not None
-    parse_bind(bind)
+    try:
+        parse_bind(bind)
+    except ConfigError as exc:
+        where = "--bind" if overrides.get("bind") else f"{s.where} bind"
+        raise ConfigError(f"{where}: {exc}") from None
     workers_raw = overrides.get("workers", s.table.get("workers", "auto"))
     workers = parse_workers(workers_raw, f"{s.where} workers")
     health = s.string("health_path", None)
@@ -277,6 +285,12 @@ def _server(s: _Section, overrides: dict[str, Any]) -> ServerConfig:
     )
 
 
+def is_import_target(target: str) -> bool:
+    module, _, attr = target.partition(":")
+    names = module.split(".") + attr.split(".")
+    return bool(module and attr) and all(name.isidentifier() for name in names)
+
+
 def parse_workers(value: Any, where: str = "workers") -> int:
     if value == "auto":
         return usable_cpus()
@@ -292,12 +306,12 @@ def parse_bind(bind: str) -> tuple[str, int] | str:
     if bind.startswith("unix:"):
         path = bind[len("unix:") :]
         if not path:
-            raise ConfigError(f"bind {bind!r}: expected unix:/path/to.sock")
+            raise ConfigError(f"expected unix:/path/to.sock, got {bind!r}")
         return path
     host, sep, port = bind.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"bind {bind!r}: expected HOST:PORT (like 127.0.0.1:8000) or unix:/path")
+    if not sep or not host or "/" in host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"expected HOST:PORT (like 127.0.0.1:8000) or unix:/path, got {bind!r}")
     return host, int(port)
 
 
@@ -344,6 +358,9 @@ def _jobs(label: str, raw: Any) -> tuple[JobConfig, ...]:
         kinds = [key for key in ("command", "call", "http") if s.has(key)]
         if len(kinds) != 1:
             raise s.fail("command", f"exactly one of command / call / http is required, got {kinds or 'none'}")
+        call = s.string("call", None)
+        if call is not None and not is_import_target(call):
+            raise s.fail("call", f"expected MODULE:FUNCTION, like myapp.tasks:cleanup, got {call!r}")
         http = table.get("http")
         if http is not None and (not isinstance(http, dict) or not isinstance(http.get("url"), str)):
             raise s.fail("http", 'expected a table with at least url = "http://..."')
@@ -353,7 +370,7 @@ def _jobs(label: str, raw: Any) -> tuple[JobConfig, ...]:
                 schedule=schedule,
                 timezone=timezone,
                 command=s.argv("command"),
-                call=s.string("call", None),
+                call=call,
                 http=http,
                 timeout=s.number("timeout", 600.0, minimum=0.001),
                 overlap=s.string("overlap", "skip", ("skip", "allow", "replace")) or "skip",

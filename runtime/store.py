@@ -186,6 +186,8 @@ class AsyncStore:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FileExistsError):
+        return f"{exc.filename} is not a directory"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)

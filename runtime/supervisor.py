@@ -66,6 +66,7 @@ class WorkerProc:
     ready_at: float | None = None
     heard: bool = False
     fatal: str | None = None
+    health_problem: str | None = None
     kill_reason: str | None = None
     killed_at: float | None = None
     drain_reason: str | None = None
@@ -412,7 +413,6 @@ class Supervisor:
         path = self.server.health_path
         name = health_socket_name(os.getpid(), worker.pid)
         deadline = time.monotonic() + self.server.ready_timeout
-        last = "no answer"
         while worker.alive and time.monotonic() < deadline:
             try:
                 async with asyncio.timeout(5):
@@ -425,12 +425,12 @@ class Supervisor:
                 if 200 <= code < 400:
                     worker.send({"t": "accept"})
                     return
-                last = f"{path} answered {code}" if code else f"{path}: no HTTP answer"
+                worker.health_problem = f"health check failed: {path} answered {code or 'no HTTP status'}"
             except (OSError, TimeoutError) as exc:
-                last = f"{path}: {exc}"
+                worker.health_problem = f"health check failed: {path}: {exc or type(exc).__name__}"
             await asyncio.sleep(0.2)
         if worker.alive:
-            self._fail_start(worker, f"health check failed: {last}")
+            self._fail_start(worker, worker.health_problem or "health check failed")
 
     # ------------------------------------------------------------------ the loop
 
@@ -620,6 +620,11 @@ class Supervisor:
                             await worker.ready
                 except (TimeoutError, ReloadFailed) as exc:
                     reason = str(exc) or f"replacement not ready within {self.server.ready_timeout:g}s"
+                    problems = [
+                        f"worker {w.slot} (pid {w.pid}): {w.health_problem}" for w in incoming if w.health_problem
+                    ]
+                    if isinstance(exc, TimeoutError) and problems:
+                        reason += f" ({problems[0]})"
                     for worker in incoming:
                         if worker.alive and worker.state != "ready":
                             self._fail_start(worker, reason)

@@ -28,7 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition", interval: float = 0.05) -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition", interval: float = 0.05
+) -> Any:
     """Poll until `predicate()` is truthy; fail the test with `what` at the deadline."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -147,7 +149,9 @@ def start_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
             path.write_text(config)
             args += ["--config", str(path)]
         log = tmp_path / f"primary-{len(clusters)}.log"
-        proc = subprocess.Popen([*args, *extra], cwd=tmp_path, env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*args, *extra], cwd=tmp_path, env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+        )
         cluster = Cluster(proc, port, db, tmp_path, log, full_env)
         clusters.append(cluster)
         if wait:

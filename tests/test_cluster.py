@@ -21,8 +21,17 @@ def test_workers_share_one_socket_and_report_status(start_cluster):
     assert status["desired_workers"] == 2
     assert sorted(w["id"] for w in status["workers"]) == [1, 2]
     for worker in status["workers"]:
-        for key in ("pid", "state", "generation", "cpu_percent", "rss_bytes", "requests_total",
-                    "requests_per_second", "p99_ms", "restarts"):
+        for key in (
+            "pid",
+            "state",
+            "generation",
+            "cpu_percent",
+            "rss_bytes",
+            "requests_total",
+            "requests_per_second",
+            "p99_ms",
+            "restarts",
+        ):
             assert key in worker
     assert status["webhooks"] == {"pending": 0, "failed": 0, "delivered": 0}
 
@@ -195,3 +204,68 @@ def _ignore_errors(fn, *args):
         fn(*args)
     except Exception:  # noqa: BLE001 - the hung request is expected to fail
         pass
+
+
+def test_serves_on_a_unix_socket(start_cluster, tmp_path):
+    import http.client
+    import socket as socketlib
+
+    path = tmp_path / "app.sock"
+    cluster = start_cluster("--bind", f"unix:{path}", workers=2)
+    sock = socketlib.socket(socketlib.AF_UNIX)
+    sock.connect(str(path))
+    conn = http.client.HTTPConnection("localhost")
+    conn.sock = sock
+    conn.request("GET", "/")
+    response = conn.getresponse()
+    assert response.status == 200 and json.loads(response.read())["worker"] in {"1", "2"}
+    conn.close()
+    assert cluster.status()["primary"]["bind"] == f"unix:{path}"
+    assert cluster.cli("stop").returncode == 0
+    assert not path.exists()
+
+
+def test_keepalive_responses_do_not_wait_for_nagle(start_cluster):
+    # With Nagle on, each keep-alive response's second write waits for the delayed ACK (~40 ms).
+    import http.client
+
+    cluster = start_cluster(workers=1)
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=5)
+    conn.request("GET", "/")
+    conn.getresponse().read()
+    started = time.perf_counter()
+    for _ in range(50):
+        conn.request("GET", "/")
+        conn.getresponse().read()
+    elapsed = time.perf_counter() - started
+    conn.close()
+    assert elapsed < 1.0, f"50 keep-alive requests took {elapsed:.2f}s (Nagle would make it ~2s)"
+
+
+def test_status_reports_rates_and_latency_under_load(start_cluster):
+    from conftest import Load
+
+    cluster = start_cluster(workers=2)
+    with Load(cluster.port, clients=4):
+        status = wait_for(
+            lambda: (s := cluster.status())["totals"]["requests_per_second"] > 50 and s, 10, "a request rate"
+        )
+    assert status["totals"]["p99_ms"] > 0
+    assert all(w["rss_bytes"] > 10_000_000 for w in status["workers"])
+    assert any(w["requests_per_second"] > 0 for w in status["workers"])
+
+
+def test_control_socket_refuses_another_user(start_cluster):
+    import subprocess
+    import sys
+
+    cluster = start_cluster(workers=1)
+    sock = next(cluster.db.parent.glob("state.db.*.sock"))
+    code = (
+        "import os, socket; os.setgid(65534); os.setuid(65534); s = socket.socket(socket.AF_UNIX)\n"
+        f'try:\n    s.connect({str(sock)!r}); s.sendall(b\'{{"cmd": "status"}}\\n\'); print(s.recv(999))\n'
+        "except OSError as e:\n    print('refused', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert "refused" in result.stdout or "permission denied" in result.stdout, result
+    assert '"ok": true' not in result.stdout
