@@ -20,7 +20,7 @@ from .config import ConfigError, Settings, load_settings, parse_workers
 from .control import ControlError, request, resolve_socket
 
 EXIT_BAD_INPUT = 2
-COMMANDS = {"up", "status", "scale", "reload", "stop", "kill", "check"}
+COMMANDS = {"up", "status", "scale", "reload", "stop", "kill", "check", "run-job", "pause-job", "resume-job", "history"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     control("stop", "graceful shutdown of the whole cluster")
     kill = control("kill", "SIGKILL one worker (it is replaced)")
     kill.add_argument("worker", type=int, metavar="WORKER_ID")
+    run_job = control("run-job", "run a job now (recorded as a manual run)")
+    run_job.add_argument("job", metavar="NAME")
+    run_job.add_argument("--wait", action="store_true", help="wait for the run; exit 0 only if it succeeded")
+    control("pause-job", "pause a job's schedule (persisted)").add_argument("job", metavar="NAME")
+    control("resume-job", "resume a paused job's schedule").add_argument("job", metavar="NAME")
+    history = with_config(sub.add_parser("history", help="job runs, read from the store (no primary needed)"))
+    history.add_argument("--job", metavar="NAME", help="only this job")
+    history.add_argument("--status", help="only runs with this status")
+    history.add_argument("--limit", type=int, default=50, metavar="N")
+    history.add_argument("--json", action="store_true", help="print JSON")
     with_config(sub.add_parser("check", help="validate the config and exit"))
     return parser
 
@@ -101,6 +111,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     settings = _settings(args)
+    if args.command == "history":
+        return _history(settings, args)
     path = resolve_socket(settings.store.path, args.socket)
     if args.command == "status":
         status = request(path, "status")
@@ -126,10 +138,64 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = request(path, "kill", {"worker": args.worker})
         print(f"killed worker {args.worker} (pid {result['pid']})")
         return 0
+    if args.command == "run-job":
+        run_id = request(path, "run-job", {"job": args.job})["run_id"]
+        print(f"started run {run_id} of {args.job}")
+        if not args.wait:
+            return 0
+        request(path, "wait-run", {"job": args.job, "run_id": run_id}, timeout=None)
+        run = _read_runs(settings, run_id=run_id)[0]
+        print(
+            f"run {run_id}: {run['status']}" + ("" if run["exit_code"] is None else f" (exit code {run['exit_code']})")
+        )
+        return 0 if run["status"] == "succeeded" else 1
+    if args.command in ("pause-job", "resume-job"):
+        result = request(path, args.command, {"job": args.job})
+        print(f"{args.job}: {'paused' if result['paused'] else 'resumed'}")
+        return 0
     if args.command == "stop":
         result = request(path, "stop")
         return _wait_gone(int(result["pid"]), settings.server.graceful_timeout + 15)
     raise AssertionError(args.command)
+
+
+def _read_runs(settings: Settings, **filters: Any) -> list[dict[str, Any]]:
+    import sqlite3
+
+    from .store import connect
+
+    if not settings.store.path.exists():
+        raise ConfigError(f"no store at {settings.store.path} (has a primary ever run here?)")
+    conn = connect(settings.store.path)
+    conn.row_factory = sqlite3.Row
+    try:
+        if "run_id" in filters:
+            rows = conn.execute("SELECT * FROM job_runs WHERE id = ?", (filters["run_id"],))
+        else:
+            clauses = [f"{key} = ?" for key in ("job", "status") if filters.get(key)]
+            values = [filters[key] for key in ("job", "status") if filters.get(key)]
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            rows = conn.execute(f"SELECT * FROM job_runs {where} ORDER BY id DESC LIMIT ?", (*values, filters["limit"]))
+        return [dict(row) for row in rows]
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot read store {settings.store.path}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _history(settings: Settings, args: argparse.Namespace) -> int:
+    runs = _read_runs(settings, job=args.job, status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return 0
+    print(f"{'ID':>6} {'JOB':<16} {'SCHEDULED FOR (UTC)':<24} {'TRIGGER':<9} {'STATUS':<10} {'EXIT':>5} {'TRY':>3}")
+    for run in runs:
+        code = "-" if run["exit_code"] is None else run["exit_code"]
+        print(
+            f"{run['id']:>6} {run['job'][:16]:<16} {run['scheduled_for'][:24]:<24} {run['trigger']:<9} "
+            f"{run['status']:<10} {code:>5} {run['attempt']:>3}"
+        )
+    return 0
 
 
 def _up(settings: Settings, headless: bool) -> int:

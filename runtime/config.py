@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from croniter import croniter
+from . import cron
 
 DEMO_TARGET = "runtime.demo:app"
 
@@ -347,8 +347,8 @@ def _jobs(label: str, raw: Any) -> tuple[JobConfig, ...]:
         schedule = s.string("schedule", None)
         if schedule is None:
             raise s.fail("schedule", "missing")
-        if len(schedule.split()) not in (5, 6) or not croniter.is_valid(schedule):
-            raise s.fail("schedule", f"not a valid cron expression (5 fields, or 6 with seconds): {schedule!r}")
+        if not cron.is_valid(schedule):
+            raise s.fail("schedule", f"not a valid cron expression (5 fields, or 6 with seconds first): {schedule!r}")
         timezone = s.string("timezone", "UTC")
         assert timezone is not None
         try:

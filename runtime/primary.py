@@ -24,6 +24,7 @@ from .events import EventBus
 from .listeners import BindError, Listener, bind
 from .logs import WorkerLogs
 from .metrics import HISTORY, percentile
+from .scheduler import Scheduler
 from .snapshot import ClusterSnapshot
 from .store import AsyncStore, Store, StoreError, utc_now_iso
 from .supervisor import BootError, ReloadFailed, Supervisor
@@ -47,6 +48,7 @@ class Primary:
         self.listener: Listener | None = None
         self.control: ControlServer | None = None
         self.supervisor: Supervisor | None = None
+        self.scheduler: Scheduler | None = None
         self.webhook_counts = {"pending": 0, "failed": 0, "delivered": 0}
         self.primary_cpu = 0.0
         self.primary_rss = 0
@@ -95,6 +97,8 @@ class Primary:
             await self.supervisor.start()
         except BootError as exc:
             raise StartupError(f"app {settings.app.target!r} did not start: {exc}") from None
+        self.scheduler = Scheduler(settings.jobs, self.store, self.events, self.primary_env(), self.pid)
+        await self.scheduler.start()
         self._install_signals()
         self._spawn(self._housekeeping())
         self.events.publish(
@@ -120,6 +124,8 @@ class Primary:
         for sig in self._signals:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_signal_handler(sig)
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         if self.supervisor is not None:
             await self.supervisor.stop()
         for task in list(self._tasks):
@@ -240,6 +246,7 @@ class Primary:
             primary_rss_bytes=self.primary_rss,
             rps_history=tuple(self.rps_history),
             reload=sup.reload_snapshot(),
+            jobs=tuple(self.scheduler.snapshot()) if self.scheduler else (),
             webhooks=dict(self.webhook_counts),
             store_error=self.store.last_error if self.store else None,
             started_at=self.started_at,
@@ -264,7 +271,9 @@ class Primary:
                 self.webhook_counts = {k: counts.get(k, 0) for k in ("pending", "failed", "delivered")}
                 if time.monotonic() - last_prune > PRUNE_EVERY:
                     last_prune = time.monotonic()
-                    await self.store.call(self.store.store.prune_worker_events, keep_days=self.settings.store.keep_days)
+                    keep = self.settings.store
+                    await self.store.call(self.store.store.prune_worker_events, keep_days=keep.keep_days)
+                    await self.store.call(self.store.store.prune_job_runs, keep.keep_runs, keep.keep_days)
             except Exception as exc:  # the store may be full or read-only: say so, keep serving
                 self.store.last_error = f"store {self.settings.store.path}: {exc}"
 
@@ -291,6 +300,19 @@ class Primary:
         if cmd == "kill":
             try:
                 return {"pid": self.kill_worker(int(args["worker"]))}
+            except LookupError as exc:
+                raise ControlError(str(exc)) from None
+        if cmd in ("run-job", "pause-job", "resume-job", "wait-run"):
+            assert self.scheduler is not None
+            name = str(args["job"])
+            try:
+                if cmd == "run-job":
+                    return {"run_id": await self.scheduler.run_now(name)}
+                if cmd == "wait-run":
+                    await self.scheduler.wait_run(name, int(args["run_id"]))
+                    return {"run_id": int(args["run_id"])}
+                await self.scheduler.set_paused(name, cmd == "pause-job")
+                return {"job": name, "paused": cmd == "pause-job"}
             except LookupError as exc:
                 raise ControlError(str(exc)) from None
         if cmd == "stop":

@@ -9,9 +9,10 @@ runs every call on one writer thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +53,16 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     def _migrate(self) -> None:
         db = sqlite_utils.Database(self.conn)
@@ -108,7 +119,23 @@ class Store:
             foreign_keys=[("event_id", "webhook_events", "id")],
             if_not_exists=True,
         )
-        db["job_state"].create({"job": str, "paused": int, "updated_at": str}, pk="job", if_not_exists=True)
+        db["job_state"].create(
+            {"job": str, "paused": int, "last_slot": str, "updated_at": str}, pk="job", if_not_exists=True
+        )
+        db["job_attempts"].create(
+            {
+                "id": int,
+                "run_id": int,
+                "attempt": int,
+                "started_at": str,
+                "finished_at": str,
+                "status": str,
+                "exit_code": int,
+                "output": str,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
         db["job_runs"].create_index(["job", "scheduled_for"], unique=True, if_not_exists=True)
         db["worker_events"].create_index(["ts"], if_not_exists=True)
         db["webhook_deliveries"].create_index(["status", "next_attempt_at"], if_not_exists=True)
@@ -139,11 +166,160 @@ class Store:
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def prune_worker_events(self, keep: int = 10_000, keep_days: float = 30.0) -> None:
-        cutoff = datetime.fromtimestamp(time.time() - keep_days * 86400, UTC).isoformat().replace("+00:00", "Z")
+        cutoff = _iso_days_ago(keep_days)
         self.conn.execute(
             "DELETE FROM worker_events WHERE ts < ? OR id <= (SELECT MAX(id) FROM worker_events) - ?",
             (cutoff, keep),
         )
+
+    # jobs
+
+    def claim_slot(
+        self, job: str, scheduled_for: str, trigger: str, primary_pid: int, overlap: str = "allow"
+    ) -> tuple[str, int | None, list[int]]:
+        """Claim one slot of a job: an insert under UNIQUE(job, scheduled_for), in one write transaction.
+
+        Returns ("claimed", run_id, running_ids), ("skipped", run_id, running_ids) when overlap is
+        "skip" and a run of the job is still going (on any primary), or ("lost", None, []) when
+        another primary claimed the slot first. `running_ids` are the runs a "replace" must end.
+        """
+        now = utc_now_iso()
+        with self.transaction():
+            running = [
+                row[0]
+                for row in self.conn.execute(
+                    "SELECT id FROM job_runs WHERE job = ? AND status = 'running'", (job,)
+                ).fetchall()
+            ]
+            skip = overlap == "skip" and bool(running)
+            try:
+                cursor = self.conn.execute(
+                    "INSERT INTO job_runs (job, scheduled_for, trigger, started_at, finished_at, status, output,"
+                    " attempt, primary_pid) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)",
+                    (
+                        job,
+                        scheduled_for,
+                        trigger,
+                        now,
+                        now if skip else None,
+                        "skipped" if skip else "running",
+                        f"skipped: run {running[0]} of this job was still running (overlap = skip)" if skip else "",
+                        primary_pid,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                lost = True
+            else:
+                lost = False
+                if trigger != "manual":
+                    self.mark_slot(job, scheduled_for)
+        if lost:
+            return "lost", None, []
+        return ("skipped" if skip else "claimed"), cursor.lastrowid, running
+
+    def record_skipped(self, job: str, scheduled_for: str, trigger: str, reason: str, primary_pid: int) -> bool:
+        """A slot that will not run, and why; False if the slot already has a row."""
+        now = utc_now_iso()
+        try:
+            self.conn.execute(
+                "INSERT INTO job_runs (job, scheduled_for, trigger, started_at, finished_at, status, output, attempt,"
+                " primary_pid) VALUES (?, ?, ?, ?, ?, 'skipped', ?, 0, ?)",
+                (job, scheduled_for, trigger, now, now, reason, primary_pid),
+            )
+        except sqlite3.IntegrityError:
+            return False
+        finally:
+            self.mark_slot(job, scheduled_for)
+        return True
+
+    def mark_slot(self, job: str, scheduled_for: str) -> None:
+        """Remember the newest slot this job has seen, so catch-up knows where to resume."""
+        self.conn.execute(
+            "INSERT INTO job_state (job, paused, last_slot, updated_at) VALUES (?, 0, ?, ?)"
+            " ON CONFLICT(job) DO UPDATE SET last_slot = MAX(COALESCE(last_slot, ''), excluded.last_slot)",
+            (job, scheduled_for, utc_now_iso()),
+        )
+
+    def last_slot(self, job: str) -> str | None:
+        row = self.conn.execute("SELECT last_slot FROM job_state WHERE job = ?", (job,)).fetchone()
+        return row[0] if row else None
+
+    def begin_attempt(self, run_id: int, attempt: int) -> None:
+        self.conn.execute(
+            "UPDATE job_runs SET attempt = ?, status = 'running', finished_at = NULL WHERE id = ?", (attempt, run_id)
+        )
+
+    def finish_attempt(
+        self, run_id: int, attempt: int, started_at: str, status: str, exit_code: int | None, output: str, final: bool
+    ) -> None:
+        now = utc_now_iso()
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO job_attempts (run_id, attempt, started_at, finished_at, status, exit_code, output)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, attempt, started_at, now, status, exit_code, output),
+            )
+            self.conn.execute(
+                "UPDATE job_runs SET status = ?, exit_code = ?, output = ?, finished_at = ? WHERE id = ?",
+                (status if final else "running", exit_code, output, now if final else None, run_id),
+            )
+
+    def abandon_runs(self, alive: Callable[[int], bool], reason: str) -> list[int]:
+        """Mark `running` rows whose primary is gone as `abandoned`."""
+        rows = self.conn.execute("SELECT id, primary_pid FROM job_runs WHERE status = 'running'").fetchall()
+        dead = [run_id for run_id, pid in rows if pid is None or not alive(pid)]
+        for run_id in dead:
+            self.conn.execute(
+                "UPDATE job_runs SET status = 'abandoned', finished_at = ?, output = COALESCE(output, '') || ?"
+                " WHERE id = ?",
+                (utc_now_iso(), reason, run_id),
+            )
+        return dead
+
+    def set_paused(self, job: str, paused: bool) -> None:
+        self.conn.execute(
+            "INSERT INTO job_state (job, paused, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT(job) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at",
+            (job, int(paused), utc_now_iso()),
+        )
+
+    def paused_jobs(self) -> set[str]:
+        return {row[0] for row in self.conn.execute("SELECT job FROM job_state WHERE paused = 1")}
+
+    def last_statuses(self) -> dict[str, str]:
+        rows = self.conn.execute(
+            "SELECT job, status FROM job_runs WHERE id IN (SELECT MAX(id) FROM job_runs GROUP BY job)"
+        ).fetchall()
+        return dict(rows)
+
+    def job_history(self, job: str | None = None, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        clauses, params = [], []
+        if job:
+            clauses.append("job = ?")
+            params.append(job)
+        if status:
+            clauses.append("status = ?")
+            params.append(status)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        cursor = self.conn.execute(
+            "SELECT id, job, scheduled_for, trigger, started_at, finished_at, status, exit_code, output, attempt"
+            f" FROM job_runs {where} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        )
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+    def prune_job_runs(self, keep_runs: int, keep_days: float) -> int:
+        cutoff = _iso_days_ago(keep_days)
+        with self.transaction():
+            cursor = self.conn.execute(
+                "DELETE FROM job_runs WHERE status != 'running' AND (scheduled_for < ? OR id IN ("
+                " SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY job ORDER BY id DESC) AS n"
+                " FROM job_runs) WHERE n > ?))",
+                (cutoff, keep_runs),
+            )
+            self.conn.execute("DELETE FROM job_attempts WHERE run_id NOT IN (SELECT id FROM job_runs)")
+        return cursor.rowcount
 
     # webhooks
 
@@ -183,6 +359,14 @@ class AsyncStore:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self.store.close()
+
+
+def _iso_days_ago(days: float) -> str:
+    return (
+        datetime.fromtimestamp(time.time() - days * 86400, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,0 +1,91 @@
+"""Schedule math: which instants a cron expression names, in a time zone, across DST.
+
+Pure functions of their inputs (no clock), so slot computation, catch-up and
+daylight-saving behaviour are unit-tested with any "now".
+
+Expressions have 5 fields, or 6 with seconds first (`*/5 * * * * *`, as in
+node-cron and Quartz). croniter walks local wall-clock time as naive
+datetimes, which never skips or repeats; each wall time is then placed on the
+UTC timeline here, with the rules of Vixie cron:
+
+- a wall time inside the spring-forward gap runs once, at the instant the
+  clock would have shown it (2:30 in a 2:00→3:00 gap runs at 3:30);
+- a wall time in the repeated autumn hour runs once, at its first
+  occurrence, for a fixed-time job (minute and hour fields without `*`), and
+  at both occurrences for a job whose minute or hour field is a wildcard
+  (`*/5 * * * *` keeps running every five minutes through both passes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
+
+# No zone moves its clock by more than this at once; it bounds the look-ahead.
+MAX_SHIFT = timedelta(hours=3)
+
+
+def is_valid(expression: str) -> bool:
+    fields = expression.split()
+    if len(fields) not in (5, 6):
+        return False
+    return croniter.is_valid(expression, second_at_beginning=True)
+
+
+class CronSchedule:
+    def __init__(self, expression: str, timezone: str = "UTC") -> None:
+        if not is_valid(expression):
+            raise ValueError(f"not a valid cron expression: {expression!r}")
+        self.expression = expression
+        self.zone = ZoneInfo(timezone)
+        fields = expression.split()
+        minute, hour = (fields[1], fields[2]) if len(fields) == 6 else (fields[0], fields[1])
+        self.fixed_time = not minute.startswith("*") and not hour.startswith("*")
+
+    def _instants(self, wall: datetime) -> list[datetime]:
+        """The UTC instants at which naive local `wall` time happens (gap: shifted once; fold: see module doc)."""
+        first = wall.replace(tzinfo=self.zone, fold=0).astimezone(UTC)
+        second = wall.replace(tzinfo=self.zone, fold=1).astimezone(UTC)
+        if first == second or self.fixed_time:
+            return [first]
+        # An ambiguous wall time has fold=0 earlier than fold=1; a gap time has them reversed.
+        return [first, second] if first < second else [second]
+
+    def next_after(self, after: datetime) -> datetime:
+        """The first instant strictly after `after` (an aware datetime) that this schedule names."""
+        after = after.astimezone(UTC)
+        local = after.astimezone(self.zone).replace(tzinfo=None)
+        walker = croniter(self.expression, local - MAX_SHIFT, second_at_beginning=True)
+        best: datetime | None = None
+        best_wall: datetime | None = None
+        while True:
+            wall = walker.get_next(datetime)
+            if best_wall is not None and wall > best_wall + MAX_SHIFT:
+                assert best is not None
+                return best
+            for instant in self._instants(wall):
+                if instant > after and (best is None or instant < best):
+                    best, best_wall = instant, wall
+
+    def between(self, start: datetime, end: datetime, limit: int | None = None) -> Iterator[datetime]:
+        """Instants in (start, end], oldest first, at most `limit` of them."""
+        count = 0
+        current = start
+        while limit is None or count < limit:
+            current = self.next_after(current)
+            if current > end:
+                return
+            yield current
+            count += 1
+
+
+def to_iso(instant: datetime) -> str:
+    """The canonical text of a slot: UTC, millisecond precision, 'Z' suffix (the UNIQUE key)."""
+    return instant.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def from_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
