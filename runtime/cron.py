@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-# No zone moves its clock by more than this at once; it bounds the look-ahead.
+# No zone sets its clock back by more than this at once; it bounds the look-ahead.
 MAX_SHIFT = timedelta(hours=3)
 
 
@@ -55,20 +55,49 @@ class CronSchedule:
         return [first, second] if first < second else [second]
 
     def next_after(self, after: datetime) -> datetime:
-        """The first instant strictly after `after` (an aware datetime) that this schedule names."""
+        """The first instant strictly after `after` (an aware datetime) that this schedule names.
+
+        A few croniter steps, whatever the schedule: walk wall time forward from `after`'s wall
+        time; the only instants that walk can miss are the second pass of a repeated hour that
+        starts soon after `after`, looked up on their own.
+        """
         after = after.astimezone(UTC)
-        local = after.astimezone(self.zone).replace(tzinfo=None)
-        walker = croniter(self.expression, local - MAX_SHIFT, second_at_beginning=True)
-        best: datetime | None = None
-        best_wall: datetime | None = None
+        best = self._first_from(after.astimezone(self.zone).replace(tzinfo=None), after)
+        if not self.fixed_time:
+            fold_start = self._clock_goes_back_within(after)
+            if fold_start is not None:
+                wall = fold_start.astimezone(self.zone).replace(tzinfo=None)
+                second_pass = self._first_from(wall - timedelta(microseconds=1), after, fold=1)
+                best = min(best, second_pass)
+        return best
+
+    def _first_from(self, wall_start: datetime, after: datetime, fold: int | None = None) -> datetime:
+        walker = croniter(self.expression, wall_start, second_at_beginning=True)
         while True:
             wall = walker.get_next(datetime)
-            if best_wall is not None and wall > best_wall + MAX_SHIFT:
-                assert best is not None
-                return best
-            for instant in self._instants(wall):
-                if instant > after and (best is None or instant < best):
-                    best, best_wall = instant, wall
+            if fold is not None:
+                instants = [wall.replace(tzinfo=self.zone, fold=fold).astimezone(UTC)]
+            else:
+                instants = self._instants(wall)
+            later = [instant for instant in instants if instant > after]
+            if later:
+                return min(later)
+
+    def _clock_goes_back_within(self, after: datetime) -> datetime | None:
+        """The instant the clock is set back, if that happens within MAX_SHIFT after `after`."""
+        low, high = after, after + MAX_SHIFT
+        offset = low.astimezone(self.zone).utcoffset()
+        end_offset = high.astimezone(self.zone).utcoffset()
+        assert offset is not None and end_offset is not None
+        if end_offset >= offset:
+            return None
+        while high - low > timedelta(seconds=1):
+            middle = low + (high - low) / 2
+            if middle.astimezone(self.zone).utcoffset() == offset:
+                low = middle
+            else:
+                high = middle
+        return high.replace(microsecond=0)
 
     def between(self, start: datetime, end: datetime, limit: int | None = None) -> Iterator[datetime]:
         """Instants in (start, end], oldest first, at most `limit` of them."""

@@ -102,3 +102,23 @@ def test_next_after_is_strictly_after(zone):
     instant = at("2026-06-01 12:00")
     assert schedule.next_after(instant) == at("2026-06-01 13:00") or zone == "Australia/Lord_Howe"
     assert schedule.next_after(instant) > instant
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    zone=st.sampled_from(DST_ZONES),
+    step=st.sampled_from([1, 5, 7, 15, 30]),
+    start_day=st.sampled_from([66, 67, 87, 88, 94, 95, 268, 269, 276, 277, 297, 298, 303, 304, 305]),
+)
+def test_wildcard_jobs_match_a_brute_force_walk_of_every_minute(zone, step, start_day):
+    """Oracle: an interval job runs at every UTC minute whose local wall time matches, no more, no less."""
+    tz = ZoneInfo(zone)
+    start = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=start_day)
+    end = start + timedelta(days=2)
+    expected = []
+    minute = start + timedelta(minutes=1)
+    while minute <= end:
+        if minute.astimezone(tz).minute % step == 0:
+            expected.append(minute)
+        minute += timedelta(minutes=1)
+    assert list(CronSchedule(f"*/{step} * * * *", zone).between(start, end)) == expected
