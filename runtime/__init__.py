@@ -5,6 +5,7 @@ No Textual import anywhere in this package.
 
 from .config import ConfigError, Settings, load_settings
 from .events import Event, EventBus
+from .outbox import emit
 from .primary import Primary, StartupError
 from .snapshot import ClusterSnapshot, ReloadSnapshot, WorkerSnapshot
 from .supervisor import ReloadFailed
@@ -20,5 +21,6 @@ __all__ = [
     "Settings",
     "StartupError",
     "WorkerSnapshot",
+    "emit",
     "load_settings",
 ]

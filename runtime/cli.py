@@ -20,7 +20,20 @@ from .config import ConfigError, Settings, load_settings, parse_workers
 from .control import ControlError, request, resolve_socket
 
 EXIT_BAD_INPUT = 2
-COMMANDS = {"up", "status", "scale", "reload", "stop", "kill", "check", "run-job", "pause-job", "resume-job", "history"}
+COMMANDS = {
+    "up",
+    "status",
+    "scale",
+    "reload",
+    "stop",
+    "kill",
+    "check",
+    "run-job",
+    "pause-job",
+    "resume-job",
+    "history",
+    "webhooks",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +77,19 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--status", help="only runs with this status")
     history.add_argument("--limit", type=int, default=50, metavar="N")
     history.add_argument("--json", action="store_true", help="print JSON")
+    hooks = with_config(sub.add_parser("webhooks", help="recent webhook deliveries, read from the store"))
+    hooks.add_argument("--json", action="store_true", help="print JSON")
+    hooks.add_argument("--limit", type=int, default=50, metavar="N")
+    hooks.add_argument("--endpoint", metavar="NAME", help="only this endpoint")
+    hooks_sub = hooks.add_subparsers(dest="webhooks_command", metavar="replay")
+    replay = with_config(hooks_sub.add_parser("replay", help="deliver again: one delivery, or a range"))
+    replay.add_argument("delivery", nargs="?", type=int, metavar="ID", help="a delivery id (see `webhooks`)")
+    replay.add_argument("--endpoint", metavar="NAME", help="every delivery of this endpoint in the range")
+    replay.add_argument("--since", metavar="ISO", help="events created at or after this time (UTC)")
+    replay.add_argument("--until", metavar="ISO", help="events created at or before this time (UTC)")
+    replay.add_argument(
+        "--status", action="append", choices=("dead", "failed", "delivered"), help="which deliveries (default: all)"
+    )
     with_config(sub.add_parser("check", help="validate the config and exit"))
     return parser
 
@@ -113,6 +139,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.command == "history":
         return _history(settings, args)
+    if args.command == "webhooks":
+        return _webhooks(settings, args)
     path = resolve_socket(settings.store.path, args.socket)
     if args.command == "status":
         status = request(path, "status")
@@ -181,6 +209,51 @@ def _read_runs(settings: Settings, **filters: Any) -> list[dict[str, Any]]:
         raise ConfigError(f"cannot read store {settings.store.path}: {exc}") from None
     finally:
         conn.close()
+
+
+def _open_store(settings: Settings) -> Any:
+    from .store import Store, StoreError
+
+    if not settings.store.path.exists():
+        raise ConfigError(f"no store at {settings.store.path} (has a primary ever run here?)")
+    try:
+        return Store(settings.store.path)
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
+    store = _open_store(settings)
+    try:
+        if args.webhooks_command == "replay":
+            if args.delivery is None and not (args.endpoint or args.since or args.until):
+                _fail("webhooks replay: give a delivery ID, or --endpoint/--since/--until for a range")
+            ids = store.replay(
+                delivery_id=args.delivery,
+                endpoint=args.endpoint,
+                since=args.since,
+                until=args.until,
+                statuses=tuple(args.status or ("dead", "failed", "delivered")),
+            )
+            if not ids:
+                _fail("webhooks replay: no delivery matches" + (f" id {args.delivery}" if args.delivery else ""))
+            print(f"queued {len(ids)} deliveries again (same webhook-id, new signature): {', '.join(map(str, ids))}")
+            return 0
+        deliveries = store.deliveries(limit=args.limit, endpoint=args.endpoint)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(deliveries, indent=2))
+        return 0
+    print(f"{'ID':>6} {'ENDPOINT':<14} {'TYPE':<24} {'STATUS':<10} {'TRIES':>5} {'CODE':>4}  LAST ERROR")
+    for d in deliveries:
+        code = d["response_code"] or "-"
+        error = (d["last_error"] or "")[:60]
+        print(
+            f"{d['id']:>6} {d['endpoint'][:14]:<14} {d['type'][:24]:<24} {d['status']:<10} {d['attempt']:>5} "
+            f"{code:>4}  {error}"
+        )
+    return 0
 
 
 def _history(settings: Settings, args: argparse.Namespace) -> int:

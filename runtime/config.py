@@ -77,6 +77,7 @@ class WebhookConfig:
     max_attempts: int = 8
     timeout: float = 10.0
     concurrency: int = 4
+    retry_base: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ _JOB = {
     "retries",
     "jitter",
 }
-_WEBHOOK = {"name", "url", "events", "secret", "max_attempts", "timeout", "concurrency"}
+_WEBHOOK = {"name", "url", "events", "secret", "max_attempts", "timeout", "concurrency", "retry_base"}
 
 
 def _build(raw: dict[str, Any], overrides: dict[str, Any], source: Path | None, cwd: Path) -> Settings:
@@ -411,6 +412,7 @@ def _webhooks(label: str, raw: Any) -> tuple[WebhookConfig, ...]:
                 max_attempts=s.number("max_attempts", 8, minimum=1, integer=True),
                 timeout=s.number("timeout", 10.0, minimum=0.001),
                 concurrency=s.number("concurrency", 4, minimum=1, integer=True),
+                retry_base=s.number("retry_base", 2.0, minimum=0.01),
             )
         )
     return tuple(hooks)

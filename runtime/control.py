@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from .processes import pid_alive
+
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
@@ -36,14 +38,10 @@ def live_sockets(store_path: Path) -> list[Path]:
         pid_text = path.name[len(store_path.name) + 1 : -len(".sock")]
         if not pid_text.isdigit():
             continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
+        if not pid_alive(int(pid_text)):
             with contextlib.suppress(OSError):
                 path.unlink()
             continue
-        except PermissionError:
-            pass
         found.append(path)
     return found
 

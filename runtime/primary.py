@@ -24,10 +24,12 @@ from .events import EventBus
 from .listeners import BindError, Listener, bind
 from .logs import WorkerLogs
 from .metrics import HISTORY, percentile
+from .outbox import SecretError
 from .scheduler import Scheduler
 from .snapshot import ClusterSnapshot
 from .store import AsyncStore, Store, StoreError, utc_now_iso
 from .supervisor import BootError, ReloadFailed, Supervisor
+from .webhooks import WebhookRunner
 
 HOUSEKEEPING_INTERVAL = 1.0
 PRUNE_EVERY = 3600.0
@@ -49,7 +51,8 @@ class Primary:
         self.control: ControlServer | None = None
         self.supervisor: Supervisor | None = None
         self.scheduler: Scheduler | None = None
-        self.webhook_counts = {"pending": 0, "failed": 0, "delivered": 0}
+        self.webhooks: WebhookRunner | None = None
+        self.webhook_counts = {"pending": 0, "failed": 0, "delivered": 0, "dead": 0}
         self.primary_cpu = 0.0
         self.primary_rss = 0
         self.rps_history: deque[float] = deque(maxlen=HISTORY)
@@ -78,6 +81,11 @@ class Primary:
             self.store = AsyncStore(Store(store_path))
         except StoreError as exc:
             raise StartupError(str(exc)) from None
+        try:
+            self.webhooks = WebhookRunner(settings.webhooks, self.store, self.events, self.pid)
+        except SecretError as exc:
+            raise StartupError(str(exc)) from None
+        await self.webhooks.start()
         try:
             self.logs = WorkerLogs(store_path.parent / "logs")
         except OSError as exc:
@@ -128,6 +136,8 @@ class Primary:
             await self.scheduler.stop()
         if self.supervisor is not None:
             await self.supervisor.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         for task in list(self._tasks):
             task.cancel()
         if self.control is not None:
@@ -268,12 +278,13 @@ class Primary:
             self.rps_history.append(round(sum(s.rate(time.monotonic()) for s in self.supervisor.live_stats()), 2))
             try:
                 counts = await self.store.call(self.store.store.webhook_counts)
-                self.webhook_counts = {k: counts.get(k, 0) for k in ("pending", "failed", "delivered")}
+                self.webhook_counts = counts
                 if time.monotonic() - last_prune > PRUNE_EVERY:
                     last_prune = time.monotonic()
                     keep = self.settings.store
                     await self.store.call(self.store.store.prune_worker_events, keep_days=keep.keep_days)
                     await self.store.call(self.store.store.prune_job_runs, keep.keep_runs, keep.keep_days)
+                    await self.store.call(self.store.store.prune_webhooks, keep.keep_days)
             except Exception as exc:  # the store may be full or read-only: say so, keep serving
                 self.store.last_error = f"store {self.settings.store.path}: {exc}"
 

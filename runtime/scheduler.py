@@ -28,6 +28,7 @@ from .config import JobConfig
 from .cron import CronSchedule, from_iso, to_iso
 from .events import EventBus
 from .jobrunner import Outcome, run_attempt
+from .processes import pid_alive
 from .store import AsyncStore
 
 MAX_CATCH_UP = 1000  # slots handled one by one at start; beyond that, one summary event
@@ -77,7 +78,7 @@ class Scheduler:
             return
         db = self.store.store
         abandoned = await self.store.call(
-            db.abandon_runs, lambda pid: pid != self.pid and _pid_alive(pid), "\n[abandoned: its primary died]"
+            db.abandon_runs, lambda pid: pid != self.pid and pid_alive(pid), "\n[abandoned: its primary died]"
         )
         for run_id in abandoned:
             self.events.publish("job.abandoned", f"run {run_id} was left running by a primary that died")
@@ -301,13 +302,3 @@ class Scheduler:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

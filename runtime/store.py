@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -114,6 +115,10 @@ class Store:
                 "next_attempt_at": str,
                 "last_error": str,
                 "delivered_at": str,
+                "created_at": str,
+                "replay_of": int,
+                "leased_by": int,
+                "lease_until": str,
             },
             pk="id",
             foreign_keys=[("event_id", "webhook_events", "id")],
@@ -136,9 +141,15 @@ class Store:
             pk="id",
             if_not_exists=True,
         )
+        db["webhook_endpoints"].create(
+            {"name": str, "url": str, "events": str, "max_attempts": int, "enabled": int, "disabled_reason": str},
+            pk="name",
+            if_not_exists=True,
+        )
         db["job_runs"].create_index(["job", "scheduled_for"], unique=True, if_not_exists=True)
         db["worker_events"].create_index(["ts"], if_not_exists=True)
-        db["webhook_deliveries"].create_index(["status", "next_attempt_at"], if_not_exists=True)
+        db["webhook_deliveries"].create_index(["endpoint", "status", "next_attempt_at"], if_not_exists=True)
+        db["webhook_deliveries"].create_index(["event_id"], if_not_exists=True)
 
     # worker events
 
@@ -324,12 +335,197 @@ class Store:
     # webhooks
 
     def webhook_counts(self) -> dict[str, int]:
-        counts = {"pending": 0, "failed": 0, "delivered": 0, "dead": 0}
-        for status, count in self.conn.execute(
-            "SELECT status, COUNT(*) FROM webhook_deliveries GROUP BY status"
-        ).fetchall():
-            counts[status] = count
-        return counts
+        """pending (not yet tried), failed (last attempt failed: retrying or dead), delivered, and dead alone."""
+        counts = dict(self.conn.execute("SELECT status, COUNT(*) FROM webhook_deliveries GROUP BY status").fetchall())
+        return {
+            "pending": counts.get("pending", 0),
+            "failed": counts.get("failed", 0) + counts.get("dead", 0),
+            "delivered": counts.get("delivered", 0),
+            "dead": counts.get("dead", 0),
+        }
+
+    def sync_endpoints(self, endpoints: list[dict[str, Any]]) -> None:
+        """Publish the configured endpoints (never their secrets) for `emit()` in any process to fan out to."""
+        with self.transaction():
+            names = [e["name"] for e in endpoints]
+            self.conn.execute(
+                f"UPDATE webhook_endpoints SET enabled = 0, disabled_reason = 'removed from the config'"
+                f" WHERE name NOT IN ({','.join('?' * len(names))})",
+                names,
+            )
+            for e in endpoints:
+                self.conn.execute(
+                    "INSERT INTO webhook_endpoints (name, url, events, max_attempts, enabled, disabled_reason)"
+                    " VALUES (?, ?, ?, ?, 1, NULL) ON CONFLICT(name) DO UPDATE SET url = excluded.url,"
+                    " events = excluded.events, max_attempts = excluded.max_attempts, enabled = 1,"
+                    " disabled_reason = NULL",
+                    (e["name"], e["url"], json.dumps(e["events"]), e["max_attempts"]),
+                )
+
+    def disable_endpoint(self, name: str, reason: str) -> None:
+        self.conn.execute(
+            "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = ? WHERE name = ?", (reason, name)
+        )
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        cursor = self.conn.execute(
+            "SELECT name, url, events, max_attempts, enabled, disabled_reason FROM webhook_endpoints"
+        )
+        rows = []
+        for name, url, events, max_attempts, enabled, reason in cursor.fetchall():
+            rows.append(
+                {
+                    "name": name,
+                    "url": url,
+                    "events": json.loads(events),
+                    "max_attempts": max_attempts,
+                    "enabled": bool(enabled),
+                    "disabled_reason": reason,
+                }
+            )
+        return rows
+
+    def emit(self, event_id: str, kind: str, payload: str, endpoints: list[str]) -> None:
+        """The event and one pending delivery per matching endpoint, in one transaction."""
+        now = utc_now_iso()
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO webhook_events (id, type, payload, created_at) VALUES (?, ?, ?, ?)",
+                (event_id, kind, payload, now),
+            )
+            self.conn.executemany(
+                "INSERT INTO webhook_deliveries (event_id, endpoint, attempt, status, next_attempt_at, created_at)"
+                " VALUES (?, ?, 0, 'pending', ?, ?)",
+                [(event_id, name, now, now) for name in endpoints],
+            )
+
+    def lease_deliveries(self, endpoint: str, owner: int, limit: int, lease_seconds: float) -> list[dict[str, Any]]:
+        """Take up to `limit` due deliveries of one endpoint for `owner` (a primary's pid) for a while."""
+        now = utc_now_iso()
+        until = _iso_in(lease_seconds)
+        with self.transaction():
+            rows = self.conn.execute(
+                "SELECT d.id, d.event_id, d.attempt, e.type, e.payload, e.created_at FROM webhook_deliveries d"
+                " JOIN webhook_events e ON e.id = d.event_id"
+                " WHERE d.endpoint = ? AND d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?"
+                " AND (d.lease_until IS NULL OR d.lease_until < ?) ORDER BY d.next_attempt_at, d.id LIMIT ?",
+                (endpoint, now, now, limit),
+            ).fetchall()
+            self.conn.executemany(
+                "UPDATE webhook_deliveries SET leased_by = ?, lease_until = ? WHERE id = ?",
+                [(owner, until, row[0]) for row in rows],
+            )
+        keys = ("id", "event_id", "attempt", "type", "payload", "created_at")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def release_leases(self, alive: Callable[[int], bool]) -> int:
+        """Leases held by primaries that died go back to the queue at once."""
+        owners = [
+            row[0]
+            for row in self.conn.execute(
+                "SELECT DISTINCT leased_by FROM webhook_deliveries WHERE leased_by IS NOT NULL"
+                " AND status IN ('pending', 'failed')"
+            )
+        ]
+        released = 0
+        for owner in owners:
+            if not alive(owner):
+                released += self.conn.execute(
+                    "UPDATE webhook_deliveries SET leased_by = NULL, lease_until = NULL WHERE leased_by = ?",
+                    (owner,),
+                ).rowcount
+        return released
+
+    def finish_delivery(
+        self,
+        delivery_id: int,
+        attempt: int,
+        status: str,
+        response_code: int | None,
+        error: str | None,
+        next_attempt_in: float | None,
+    ) -> None:
+        now = utc_now_iso()
+        self.conn.execute(
+            "UPDATE webhook_deliveries SET attempt = ?, status = ?, response_code = ?, last_error = ?,"
+            " next_attempt_at = ?, delivered_at = ?, leased_by = NULL, lease_until = NULL WHERE id = ?",
+            (
+                attempt,
+                status,
+                response_code,
+                error,
+                _iso_in(next_attempt_in) if next_attempt_in is not None else None,
+                now if status == "delivered" else None,
+                delivery_id,
+            ),
+        )
+
+    def replay(
+        self,
+        delivery_id: int | None = None,
+        endpoint: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        statuses: tuple[str, ...] = ("dead", "failed", "delivered"),
+    ) -> list[int]:
+        """New pending deliveries for the same events (same webhook-id); returns their ids."""
+        clauses, params = [], []
+        if delivery_id is not None:
+            clauses.append("d.id = ?")
+            params.append(delivery_id)
+        else:
+            clauses.append(f"d.status IN ({','.join('?' * len(statuses))})")
+            params.extend(statuses)
+        if endpoint:
+            clauses.append("d.endpoint = ?")
+            params.append(endpoint)
+        if since:
+            clauses.append("e.created_at >= ?")
+            params.append(since)
+        if until:
+            clauses.append("e.created_at <= ?")
+            params.append(until)
+        now = utc_now_iso()
+        created = []
+        with self.transaction():
+            rows = self.conn.execute(
+                "SELECT d.id, d.event_id, d.endpoint FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id"
+                f" WHERE {' AND '.join(clauses)} ORDER BY d.id",
+                params,
+            ).fetchall()
+            for old_id, event_id, name in rows:
+                cursor = self.conn.execute(
+                    "INSERT INTO webhook_deliveries (event_id, endpoint, attempt, status, next_attempt_at, created_at,"
+                    " replay_of) VALUES (?, ?, 0, 'pending', ?, ?, ?)",
+                    (event_id, name, now, now, old_id),
+                )
+                created.append(cursor.lastrowid)
+        return created
+
+    def deliveries(self, limit: int = 50, endpoint: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE d.endpoint = ?", [endpoint]) if endpoint else ("", [])
+        cursor = self.conn.execute(
+            "SELECT d.id, d.event_id, e.type, d.endpoint, d.attempt, d.status, d.response_code, d.next_attempt_at,"
+            " d.last_error, d.delivered_at, e.created_at, d.replay_of FROM webhook_deliveries d"
+            f" JOIN webhook_events e ON e.id = d.event_id {where} ORDER BY d.id DESC LIMIT ?",
+            (*params, limit),
+        )
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+    def prune_webhooks(self, keep_days: float, keep_deliveries: int = 100_000) -> None:
+        cutoff = _iso_days_ago(keep_days)
+        with self.transaction():
+            self.conn.execute(
+                "DELETE FROM webhook_deliveries WHERE status IN ('delivered', 'dead') AND (created_at < ?"
+                " OR id <= (SELECT MAX(id) FROM webhook_deliveries) - ?)",
+                (cutoff, keep_deliveries),
+            )
+            self.conn.execute(
+                "DELETE FROM webhook_events WHERE created_at < ? AND id NOT IN"
+                " (SELECT event_id FROM webhook_deliveries)",
+                (cutoff,),
+            )
 
 
 class AsyncStore:
@@ -359,6 +555,10 @@ class AsyncStore:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self.store.close()
+
+
+def _iso_in(seconds: float) -> str:
+    return datetime.fromtimestamp(time.time() + seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _iso_days_ago(days: float) -> str:
