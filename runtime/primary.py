@@ -22,7 +22,7 @@ from .config import Settings
 from .control import ControlError, ControlServer, socket_path
 from .events import EventBus
 from .listeners import BindError, Listener, bind
-from .logs import WorkerLogs
+from .logs import LogLine, WorkerLogs
 from .metrics import HISTORY, percentile
 from .outbox import SecretError
 from .scheduler import Scheduler
@@ -224,6 +224,38 @@ class Primary:
         await self.supervisor.reload()
         return self.supervisor.generation
 
+    async def run_job(self, name: str) -> int:
+        """Run a job now (a manual run); returns the run id. LookupError for an unknown job."""
+        assert self.scheduler is not None
+        return await self.scheduler.run_now(name)
+
+    async def set_job_paused(self, name: str, paused: bool) -> None:
+        assert self.scheduler is not None
+        await self.scheduler.set_paused(name, paused)
+
+    async def replay_delivery(self, delivery_id: int) -> list[int]:
+        """Queue a delivery again (same webhook-id); returns the new delivery ids."""
+        assert self.store is not None
+        return await self.store.call(self.store.store.replay, delivery_id=delivery_id)
+
+    async def job_history(
+        self, job: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        assert self.store is not None
+        return await self.store.call(self.store.store.job_history, job, status, limit)
+
+    async def deliveries(self, limit: int = 100) -> list[dict[str, Any]]:
+        assert self.store is not None
+        return await self.store.call(self.store.store.deliveries, limit)
+
+    async def endpoint_queues(self) -> dict[str, dict[str, int]]:
+        """Per endpoint: deliveries by status, from the store."""
+        assert self.store is not None
+        return await self.store.call(self.store.store.endpoint_counts)
+
+    def worker_tail(self, worker_id: int, limit: int = 20) -> list[LogLine]:
+        return self.logs.tail(worker_id, limit) if self.logs else []
+
     async def _reload_quietly(self) -> None:
         with contextlib.suppress(ReloadFailed):
             await self.reload()
@@ -257,6 +289,7 @@ class Primary:
             rps_history=tuple(self.rps_history),
             reload=sup.reload_snapshot(),
             jobs=tuple(self.scheduler.snapshot()) if self.scheduler else (),
+            endpoints=tuple(self.webhooks.snapshot()) if self.webhooks else (),
             webhooks=dict(self.webhook_counts),
             store_error=self.store.last_error if self.store else None,
             started_at=self.started_at,

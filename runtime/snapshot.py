@@ -55,6 +55,7 @@ class ClusterSnapshot:
     rps_history: tuple[float, ...] = field(default=(), repr=False)
     reload: ReloadSnapshot | None = None
     jobs: tuple[dict[str, Any], ...] = ()
+    endpoints: tuple[dict[str, Any], ...] = ()
     webhooks: dict[str, int] = field(default_factory=lambda: {"pending": 0, "failed": 0, "delivered": 0})
     store_error: str | None = None
     started_at: str = ""

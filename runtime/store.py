@@ -344,6 +344,14 @@ class Store:
             "dead": counts.get("dead", 0),
         }
 
+    def endpoint_counts(self) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for endpoint, status, count in self.conn.execute(
+            "SELECT endpoint, status, COUNT(*) FROM webhook_deliveries GROUP BY endpoint, status"
+        ):
+            counts.setdefault(endpoint, {})[status] = count
+        return counts
+
     def sync_endpoints(self, endpoints: list[dict[str, Any]]) -> None:
         """Publish the configured endpoints (never their secrets) for `emit()` in any process to fan out to."""
         with self.transaction():
