@@ -1,14 +1,28 @@
 """clusterctl-tui's engine: the primary of a pre-fork cluster, headless or under the console.
 
-No Textual import anywhere in this package.
+No Textual import anywhere in this package. Names are imported on first use,
+so `from runtime import emit` in a worker stays light.
 """
 
-from .config import ConfigError, Settings, load_settings
-from .events import Event, EventBus
-from .outbox import emit
-from .primary import Primary, StartupError
-from .snapshot import ClusterSnapshot, ReloadSnapshot, WorkerSnapshot
-from .supervisor import ReloadFailed
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ClusterSnapshot": "snapshot",
+    "ConfigError": "config",
+    "Event": "events",
+    "EventBus": "events",
+    "Primary": "primary",
+    "ReloadFailed": "supervisor",
+    "ReloadSnapshot": "snapshot",
+    "Settings": "config",
+    "StartupError": "primary",
+    "WorkerSnapshot": "snapshot",
+    "emit": "outbox",
+    "load_settings": "config",
+}
 
 __all__ = [
     "ClusterSnapshot",
@@ -24,3 +38,20 @@ __all__ = [
     "emit",
     "load_settings",
 ]
+
+if TYPE_CHECKING:
+    from .config import ConfigError, Settings, load_settings
+    from .events import Event, EventBus
+    from .outbox import emit
+    from .primary import Primary, StartupError
+    from .snapshot import ClusterSnapshot, ReloadSnapshot, WorkerSnapshot
+    from .supervisor import ReloadFailed
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -272,6 +272,9 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _up(settings: Settings, headless: bool) -> int:
+    from .demo import with_demo_extras
+
+    settings = with_demo_extras(settings)
     if not headless:
         try:
             from console.app import run_console

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -40,8 +41,11 @@ class StartupError(Exception):
 
 
 class Primary:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, console: bool = False) -> None:
         self.settings = settings
+        # Under the console, SIGHUP is also how the kernel says the terminal went away (an SSH
+        # session dropped): then it means stop, not reload.
+        self.console = console
         self.pid = os.getpid()
         self.events = EventBus()
         self.started_at = ""
@@ -177,6 +181,13 @@ class Primary:
                 f"before_start {' '.join(argv)!r} failed with exit code {proc.returncode}{last}; no worker started"
             )
 
+    def _on_hangup(self) -> None:
+        if self.console and not _have_terminal():
+            self.events.publish("cluster.hangup", "the console's terminal went away: stopping")
+            self.request_stop()
+            return
+        self._spawn(self._reload_quietly())
+
     def primary_env(self) -> dict[str, str]:
         """The environment of the primary's own child processes (before_start, jobs)."""
         return {
@@ -188,7 +199,7 @@ class Primary:
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
         handlers = {
-            signal.SIGHUP: lambda: self._spawn(self._reload_quietly()),
+            signal.SIGHUP: self._on_hangup,
             signal.SIGTTIN: lambda: self.scale_by(1),
             signal.SIGTTOU: lambda: self.scale_by(-1) if self.desired_workers > 1 else None,
             signal.SIGTERM: self.request_stop,
@@ -252,6 +263,11 @@ class Primary:
         """Per endpoint: deliveries by status, from the store."""
         assert self.store is not None
         return await self.store.call(self.store.store.endpoint_counts)
+
+    def subscribe_logs(self, callback: Callable[[LogLine], None]) -> None:
+        """Every line a worker writes, as it arrives (the console's log view)."""
+        assert self.logs is not None
+        self.logs.subscribers.append(callback)
 
     def worker_tail(self, worker_id: int, limit: int = 20) -> list[LogLine]:
         return self.logs.tail(worker_id, limit) if self.logs else []
@@ -368,3 +384,11 @@ class Primary:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _have_terminal() -> bool:
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        return False
+    return True

@@ -30,13 +30,13 @@ from typing import Any
 
 import psutil
 
+from .channel import EXIT_BOOT_ERROR, SPEC_ENV, health_socket_name
 from .config import Settings
 from .events import EventBus
 from .listeners import Listener
 from .logs import LogLine, WorkerLogs
 from .metrics import WorkerStats, merge, percentile
 from .snapshot import ReloadSnapshot, WorkerSnapshot
-from .worker import EXIT_BOOT_ERROR, SPEC_ENV, health_socket_name
 
 TICK = 0.25  # seconds between checks for hung workers and expired back-offs
 KILL_GRACE = 2.0  # after SIGABRT (or the drain deadline), SIGKILL

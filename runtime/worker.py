@@ -36,21 +36,14 @@ import uvicorn
 import uvloop
 from uvicorn.server import ServerState
 
+from .channel import EXIT_BOOT_ERROR, EXIT_PRIMARY_GONE, SPEC_ENV, health_socket_name
 from .metrics import RequestCounters
 
-SPEC_ENV = "CLUSTERCTL_WORKER_SPEC"
-EXIT_BOOT_ERROR = 3  # the app could not be loaded; retrying right away will not help
-EXIT_PRIMARY_GONE = 70
 _PR_SET_PDEATHSIG = 1
 
 
 class AppLoadError(Exception):
     pass
-
-
-def health_socket_name(primary_pid: int, worker_pid: int) -> str:
-    """Abstract unix socket (no file to clean up) on which a worker answers the primary's health check."""
-    return f"\0clusterctl/{primary_pid}/{worker_pid}/health"
 
 
 def load_app(target: str, interface: str) -> tuple[Any, str]:

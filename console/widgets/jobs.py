@@ -1,0 +1,143 @@
+"""The jobs view: each job with its schedule and next run, its run history from the store, a run's output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.widgets import DataTable, Static
+
+from ..format import status, until
+
+STATUS_FILTERS = (None, "failed", "succeeded", "skipped", "timed_out", "running")
+
+
+class JobsView(Vertical):
+    BINDINGS = [
+        Binding("j", "app.run_job", "Run now", id="run_job"),
+        Binding("p", "app.pause_job", "Pause/resume", id="pause_job"),
+        Binding("f", "app.filter", "Filter", id="filter_runs"),
+    ]
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.status_filter: str | None = None
+        self._jobs: list[str] = []
+        self._runs: list[dict[str, Any]] = []
+        self._runs_key: tuple[Any, ...] = ()
+
+    def compose(self) -> ComposeResult:
+        yield DataTable(id="jobs-table", cursor_type="row")
+        yield Static("", id="runs-title")
+        yield DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="run-output")
+
+    def on_mount(self) -> None:
+        jobs = self.query_one("#jobs-table", DataTable)
+        for key, label, width in (
+            ("name", "JOB", 16),
+            ("schedule", "SCHEDULE", 15),
+            ("next", "NEXT RUN", 12),
+            ("last", "LAST", 10),
+            ("state", "STATE", 9),
+        ):
+            jobs.add_column(label, key=key, width=width)
+        runs = self.query_one("#runs-table", DataTable)
+        for key, label, width in (
+            ("id", "RUN", 5),
+            ("job", "JOB", 14),
+            ("slot", "SCHEDULED (UTC)", 19),
+            ("trigger", "TRIGGER", 8),
+            ("status", "STATUS", 10),
+            ("exit", "EXIT", 4),
+            ("try", "TRY", 3),
+        ):
+            runs.add_column(label, key=key, width=width)
+
+    def selected_job(self) -> str | None:
+        table = self.query_one("#jobs-table", DataTable)
+        if 0 <= table.cursor_row < len(self._jobs):
+            return self._jobs[table.cursor_row]
+        return None
+
+    def cycle_filter(self) -> str | None:
+        index = STATUS_FILTERS.index(self.status_filter)
+        self.status_filter = STATUS_FILTERS[(index + 1) % len(STATUS_FILTERS)]
+        return self.status_filter
+
+    def apply_jobs(self, jobs: tuple[dict[str, Any], ...]) -> None:
+        table = self.query_one("#jobs-table", DataTable)
+        names = [job["name"] for job in jobs]
+        with self.app.batch_update():
+            if names != self._jobs:
+                table.clear()
+                for job in jobs:
+                    table.add_row(*self._job_cells(job).values(), key=job["name"])
+                self._jobs = names
+                return
+            for job in jobs:
+                for column, value in self._job_cells(job).items():
+                    table.update_cell(job["name"], column, value, update_width=False)
+
+    @staticmethod
+    def _job_cells(job: dict[str, Any]) -> dict[str, object]:
+        if job["paused"]:
+            job_state = Text("paused", style="bold yellow")
+        elif job["running"]:
+            job_state = Text(f"running×{job['running']}", style="yellow")
+        else:
+            job_state = Text("idle", style="dim")
+        return {
+            "name": Text(job["name"], style="bold"),
+            "schedule": job["schedule"],
+            "next": until(job["next_run"]) if not job["paused"] else "-",
+            "last": status(job["last_status"]),
+            "state": job_state,
+        }
+
+    def apply_runs(self, runs: list[dict[str, Any]]) -> None:
+        job = self.selected_job()
+        title = f"history: {job or 'all jobs'}, status {self.status_filter or 'any'} (f: filter)"
+        self.query_one("#runs-title", Static).update(Text(title, style="bold"))
+        key = tuple((r["id"], r["status"]) for r in runs)
+        if key != self._runs_key:
+            table = self.query_one("#runs-table", DataTable)
+            selected = self.selected_run()
+            with self.app.batch_update():
+                table.clear()
+                for run in runs:
+                    code = "-" if run["exit_code"] is None else str(run["exit_code"])
+                    table.add_row(
+                        str(run["id"]),
+                        run["job"],
+                        run["scheduled_for"][:19].replace("T", " "),
+                        run["trigger"],
+                        status(run["status"]),
+                        code,
+                        str(run["attempt"]),
+                        key=str(run["id"]),
+                    )
+            self._runs, self._runs_key = runs, key
+            if selected is not None:
+                ids = [r["id"] for r in runs]
+                if selected["id"] in ids:
+                    table.move_cursor(row=ids.index(selected["id"]))
+        self.show_output()
+
+    def selected_run(self) -> dict[str, Any] | None:
+        table = self.query_one("#runs-table", DataTable)
+        if 0 <= table.cursor_row < len(self._runs):
+            return self._runs[table.cursor_row]
+        return None
+
+    def show_output(self) -> None:
+        run = self.selected_run()
+        output = self.query_one("#run-output", Static)
+        if run is None:
+            output.update(Text("no runs yet", style="dim"))
+            return
+        lines = (run["output"] or "(no output)").strip().splitlines()[-6:]
+        output.update(Text(f"run {run['id']} output:\n", style="bold") + Text("\n".join(lines)))
