@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from rich.text import Text
@@ -104,9 +105,12 @@ class ClusterConsole(App[int]):
         Binding("4", "tab('events')", "Events", show=False, id="tab_events"),
     ]
 
-    def __init__(self, backend: Backend, start_backend: bool = True) -> None:
+    def __init__(
+        self, backend: Backend, start_backend: bool = True, clock: Callable[[], datetime] | None = None
+    ) -> None:
         super().__init__()
         self.backend = backend
+        self.clock = clock or (lambda: datetime.now(UTC))
         self.start_backend = start_backend
         self.error: str | None = None
         self.started = False
@@ -139,7 +143,11 @@ class ClusterConsole(App[int]):
 
     @property
     def active(self) -> str:
-        return self.query_one(TabbedContent).active
+        """The visible tab ("" while the app is starting or shutting down)."""
+        if not self.screen_stack:
+            return ""
+        tabs = self.screen_stack[0].query(TabbedContent)
+        return tabs.first().active if tabs else ""
 
     # ------------------------------------------------------------------ the cluster
 
@@ -187,7 +195,7 @@ class ClusterConsole(App[int]):
                 snap, lambda worker_id: [_tail_line(line) for line in self.backend.worker_tail(worker_id, 4)]
             )
         elif active == "jobs":
-            self.query_one(JobsView).apply_jobs(snap.jobs)
+            self.query_one(JobsView).apply_jobs(snap.jobs, self.clock())
 
     async def _poll_store(self) -> None:
         """History and deliveries live in SQLite; read them (off the loop, in the store thread) for the visible tab."""
@@ -211,12 +219,9 @@ class ClusterConsole(App[int]):
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         # Focus the view's main widget, so its keys show in the footer and work at once.
-        pane = self.query_one(f"#{event.pane.id}", TabPane)
-        main = pane.query("DataTable, Input").first()
-        if main.can_focus:
-            main.focus()
-        else:
-            next(iter(pane.query(DataTable).results()), main).focus()
+        focusable = event.pane.query("DataTable, RichLog")
+        if focusable:
+            focusable.first().focus()
         self.refresh_view()
         self.run_worker(self._refresh_store(), exit_on_error=False)
 
@@ -361,15 +366,13 @@ class ClusterConsole(App[int]):
 
 
 def _event_line(event: Event) -> Text:
-    from datetime import datetime
-
     line = Text(datetime.fromtimestamp(event.at).strftime("%H:%M:%S "), style="dim")
     style = (
         "bold red"
         if event.kind in ("worker.crashed", "cluster.reload_failed", "job.failed", "webhook.dead")
         else "cyan"
     )
-    line.append(f"{event.kind:<22}", style=style)
+    line.append(f"{event.kind:<23}", style=style)
     if event.worker_id is not None:
         line.append(f"w{event.worker_id} ", style="bold")
     line.append(event.message)

@@ -65,12 +65,17 @@ def until(iso: str | None, now: datetime | None = None) -> str:
     return "in " + duration((when - (now or datetime.now(UTC))).total_seconds())
 
 
+def styled(value: str, style: str) -> Text:
+    """Styled cell text. The style goes on a span: DataTable shifts Text whose base style is set."""
+    return Text.assemble((value, style))
+
+
 def state(value: str) -> Text:
-    return Text(value, style=STATE_STYLES.get(value, ""))
+    return styled(value, STATE_STYLES.get(value, ""))
 
 
 def status(value: str | None) -> Text:
-    return Text(value or "-", style=STATUS_STYLES.get(value or "", "dim"))
+    return styled(value or "-", STATUS_STYLES.get(value or "", "dim"))
 
 
 def number(value: float, digits: int = 1) -> str:

@@ -82,9 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     hooks.add_argument("--limit", type=int, default=50, metavar="N")
     hooks.add_argument("--endpoint", metavar="NAME", help="only this endpoint")
     hooks_sub = hooks.add_subparsers(dest="webhooks_command", metavar="replay")
-    replay = with_config(hooks_sub.add_parser("replay", help="deliver again: one delivery, or a range"))
+    replay = hooks_sub.add_parser("replay", help="deliver again: one delivery, or a range")
+    # The same options as `webhooks`, accepted on either side of `replay`; SUPPRESS keeps a value
+    # given before `replay` from being reset by this parser's default.
+    replay.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="config file")
+    replay.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS, help="the store")
     replay.add_argument("delivery", nargs="?", type=int, metavar="ID", help="a delivery id (see `webhooks`)")
-    replay.add_argument("--endpoint", metavar="NAME", help="every delivery of this endpoint in the range")
+    replay.add_argument(
+        "--endpoint", metavar="NAME", default=argparse.SUPPRESS, help="every delivery of this endpoint in the range"
+    )
     replay.add_argument("--since", metavar="ISO", help="events created at or after this time (UTC)")
     replay.add_argument("--until", metavar="ISO", help="events created at or before this time (UTC)")
     replay.add_argument(

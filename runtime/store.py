@@ -375,6 +375,14 @@ class Store:
             "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = ? WHERE name = ?", (reason, name)
         )
 
+    def kill_queue(self, endpoint: str, reason: str) -> int:
+        """Every queued delivery of a disabled endpoint becomes dead (replayable), with the reason."""
+        return self.conn.execute(
+            "UPDATE webhook_deliveries SET status = 'dead', last_error = ?, leased_by = NULL, lease_until = NULL"
+            " WHERE endpoint = ? AND status IN ('pending', 'failed')",
+            (reason, endpoint),
+        ).rowcount
+
     def endpoints(self) -> list[dict[str, Any]]:
         cursor = self.conn.execute(
             "SELECT name, url, events, max_attempts, enabled, disabled_reason FROM webhook_endpoints"

@@ -43,6 +43,7 @@ RETRY_CAP = 3600.0
 RETRY_AFTER_CAP = 6 * 3600.0
 STOP_GRACE = 5.0
 POOL_SIZE = 8  # connections per httpx client
+DISABLED = "410 Gone: the receiver asked us to stop; fix it and restart the primary to re-enable"
 
 
 @dataclass
@@ -137,7 +138,13 @@ class WebhookRunner:
 
     async def _endpoint_loop(self, endpoint: Endpoint) -> None:
         config = endpoint.config
-        while endpoint.enabled:
+        while True:
+            if not endpoint.enabled:
+                # Disabled by a 410: what is queued (or emitted before every process noticed)
+                # is marked dead, to be replayed once the receiver is fixed, not left pending forever.
+                await self.store.call(self.store.store.kill_queue, config.name, DISABLED)
+                await asyncio.sleep(POLL_INTERVAL * 5)
+                continue
             room = config.concurrency - len(endpoint.in_flight)
             # Lease in batches (fewer store round trips), but never leave the endpoint idle.
             if room <= 0 or (endpoint.in_flight and room < max(1, config.concurrency // 4)):
@@ -192,7 +199,7 @@ class WebhookRunner:
         endpoint.last_error = error
         if code == 410:
             endpoint.enabled = False
-            reason = "410 Gone: the receiver asked us to stop; fix it and restart the primary to re-enable"
+            reason = DISABLED
             await self.store.call(db.disable_endpoint, config.name, reason)
             await self.store.call(db.finish_delivery, delivery["id"], attempt, "dead", code, reason, None)
             self.events.publish("webhook.endpoint_disabled", f"{config.name}: {reason}", endpoint=config.name)

@@ -23,7 +23,7 @@ class EventsView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter (worker id, event, text)…", id="events-filter")
-        yield RichLog(id="events-log", max_lines=KEEP, wrap=False, auto_scroll=True)
+        yield RichLog(id="events-log", max_lines=KEEP, wrap=True, auto_scroll=True)
 
     def add(self, line: Text) -> None:
         self.lines.append(line)

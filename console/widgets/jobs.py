@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from rich.text import Text
@@ -10,7 +11,7 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from ..format import status, until
+from ..format import status, styled, until
 
 STATUS_FILTERS = (None, "failed", "succeeded", "skipped", "timed_out", "running")
 
@@ -68,32 +69,32 @@ class JobsView(Vertical):
         self.status_filter = STATUS_FILTERS[(index + 1) % len(STATUS_FILTERS)]
         return self.status_filter
 
-    def apply_jobs(self, jobs: tuple[dict[str, Any], ...]) -> None:
+    def apply_jobs(self, jobs: tuple[dict[str, Any], ...], now: datetime) -> None:
         table = self.query_one("#jobs-table", DataTable)
         names = [job["name"] for job in jobs]
         with self.app.batch_update():
             if names != self._jobs:
                 table.clear()
                 for job in jobs:
-                    table.add_row(*self._job_cells(job).values(), key=job["name"])
+                    table.add_row(*self._job_cells(job, now).values(), key=job["name"])
                 self._jobs = names
                 return
             for job in jobs:
-                for column, value in self._job_cells(job).items():
+                for column, value in self._job_cells(job, now).items():
                     table.update_cell(job["name"], column, value, update_width=False)
 
     @staticmethod
-    def _job_cells(job: dict[str, Any]) -> dict[str, object]:
+    def _job_cells(job: dict[str, Any], now: datetime) -> dict[str, object]:
         if job["paused"]:
-            job_state = Text("paused", style="bold yellow")
+            job_state = styled("paused", "bold yellow")
         elif job["running"]:
-            job_state = Text(f"running×{job['running']}", style="yellow")
+            job_state = styled(f"running×{job['running']}", "yellow")
         else:
-            job_state = Text("idle", style="dim")
+            job_state = styled("idle", "dim")
         return {
-            "name": Text(job["name"], style="bold"),
+            "name": styled(job["name"], "bold"),
             "schedule": job["schedule"],
-            "next": until(job["next_run"]) if not job["paused"] else "-",
+            "next": until(job["next_run"], now) if not job["paused"] else "-",
             "last": status(job["last_status"]),
             "state": job_state,
         }

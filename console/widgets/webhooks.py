@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from ..format import status
+from ..format import status, styled
 
 
 class WebhooksView(Vertical):
@@ -61,8 +61,8 @@ class WebhooksView(Vertical):
                 done = counts.get("delivered", 0)
                 tried = done + counts.get("dead", 0) + counts.get("failed", 0)
                 table.add_row(
-                    Text(e["name"], style="bold"),
-                    Text("on", style="green") if e["enabled"] else Text("off", style="bold red"),
+                    styled(e["name"], "bold"),
+                    styled("on", "green") if e["enabled"] else styled("off", "bold red"),
                     f"{done / tried * 100:.0f}" if tried else "-",
                     str(counts.get("pending", 0) + counts.get("failed", 0)),
                     str(e["in_flight"]),
@@ -83,7 +83,7 @@ class WebhooksView(Vertical):
                         status(d["status"]),
                         str(d["attempt"]),
                         str(d["response_code"] or "-"),
-                        Text(d["last_error"] or "", style="red"),
+                        styled(d["last_error"] or "", "red"),
                         key=str(d["id"]),
                     )
                 if 0 <= cursor < len(deliveries):

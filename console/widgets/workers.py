@@ -12,7 +12,7 @@ from textual.widgets import DataTable, ProgressBar, Sparkline, Static
 
 from runtime import ClusterSnapshot, WorkerSnapshot
 
-from ..format import duration, number, size, spark, state
+from ..format import duration, number, size, spark, state, styled
 
 WIDE = 100  # columns at and above which the table shows p50 and the trend
 TREND = 10
@@ -39,7 +39,7 @@ def _columns(wide: bool) -> list[tuple[str, str, int]]:
 
 def _cells(worker: WorkerSnapshot, wide: bool) -> dict[str, object]:
     cells: dict[str, object] = {
-        "id": Text(str(worker.id), style="bold"),
+        "id": styled(str(worker.id), "bold"),
         "pid": str(worker.pid or "-"),
         "state": state(worker.state),
         "gen": str(worker.generation),
@@ -47,12 +47,12 @@ def _cells(worker: WorkerSnapshot, wide: bool) -> dict[str, object]:
         "rss": size(worker.rss_bytes),
         "rps": number(worker.requests_per_second),
         "p99": number(worker.p99_ms),
-        "restarts": Text(str(worker.restarts), style="bold red" if worker.restarts else "dim"),
+        "restarts": styled(str(worker.restarts), "bold red" if worker.restarts else "dim"),
         "uptime": duration(worker.uptime_seconds) if worker.pid else duration(worker.backoff_seconds),
     }
     if wide:
         cells["p50"] = number(worker.p50_ms)
-        cells["trend"] = Text(spark(worker.rps_history, TREND), style="green")
+        cells["trend"] = styled(spark(worker.rps_history, TREND), "green")
     return cells
 
 

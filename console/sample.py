@@ -1,0 +1,292 @@
+"""A fixed cluster state: the console rendered the same way every time, for screenshots and snapshot tests.
+
+`SampleBackend` offers what the console needs of `runtime.Primary`
+(`console.app.Backend`) from constant data, and records the actions it is
+asked for instead of acting.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from runtime import ClusterSnapshot, EventBus, Settings, WorkerSnapshot
+from runtime.events import Event
+from runtime.logs import LogLine
+from runtime.snapshot import ReloadSnapshot
+
+NOW = datetime(2026, 11, 22, 9, 30, 0, tzinfo=UTC)
+T0 = NOW.timestamp()
+
+
+def _wave(seed: int, points: int = 60, base: float = 120.0) -> tuple[float, ...]:
+    return tuple(
+        round(base + 40 * math.sin((i + seed * 7) / 6) + 15 * math.sin(i / 2 + seed), 1) for i in range(points)
+    )
+
+
+def _worker(slot: int, **overrides: Any) -> WorkerSnapshot:
+    values: dict[str, Any] = {
+        "id": slot,
+        "pid": 41200 + slot * 7,
+        "state": "ready",
+        "generation": 3,
+        "cpu_percent": round(11.5 + slot * 1.7, 1),
+        "rss_bytes": (52 + slot * 3) * 1024 * 1024,
+        "requests_total": 18_000 + slot * 911,
+        "requests_per_second": round(118.0 + slot * 4.25, 1),
+        "p50_ms": round(1.2 + slot * 0.05, 2),
+        "p99_ms": round(8.4 + slot * 0.9, 1),
+        "restarts": 0,
+        "uptime_seconds": 4_000 + slot * 37,
+        "in_flight": slot % 3,
+        "connections": 8,
+        "rps_history": _wave(slot),
+    }
+    values.update(overrides)
+    return WorkerSnapshot(**values)
+
+
+WORKERS = (
+    _worker(1),
+    _worker(2),
+    _worker(3, restarts=2, last_exit="killed by SIGKILL", uptime_seconds=312),
+    _worker(4),
+    _worker(
+        5,
+        state="backoff",
+        pid=None,
+        restarts=5,
+        requests_per_second=0.0,
+        cpu_percent=0.0,
+        rss_bytes=0,
+        p50_ms=0.0,
+        p99_ms=0.0,
+        uptime_seconds=0,
+        backoff_seconds=8.0,
+        last_exit="exit code 3",
+        rps_history=(),
+    ),
+    _worker(6),
+    _worker(
+        7,
+        state="starting",
+        pid=41299,
+        generation=4,
+        requests_per_second=0.0,
+        uptime_seconds=1,
+        requests_total=0,
+        p50_ms=0.0,
+        p99_ms=0.0,
+        rps_history=(),
+    ),
+    _worker(8),
+)
+
+JOBS = (
+    {
+        "name": "cleanup",
+        "schedule": "*/5 * * * *",
+        "timezone": "UTC",
+        "next_run": "2026-11-22T09:35:00.000Z",
+        "last_status": "succeeded",
+        "paused": False,
+        "running": 0,
+    },
+    {
+        "name": "nightly-report",
+        "schedule": "30 1 * * *",
+        "timezone": "America/New_York",
+        "next_run": "2026-11-23T06:30:00.000Z",
+        "last_status": "failed",
+        "paused": False,
+        "running": 0,
+    },
+    {
+        "name": "sync-ledger",
+        "schedule": "*/10 * * * * *",
+        "timezone": "UTC",
+        "next_run": None,
+        "last_status": "skipped",
+        "paused": True,
+        "running": 0,
+    },
+)
+
+RUNS = [
+    {
+        "id": 912 - i,
+        "job": job,
+        "scheduled_for": f"2026-11-22T09:{29 - i * 5 % 30:02d}:00.000Z",
+        "trigger": trigger,
+        "status": status,
+        "exit_code": code,
+        "attempt": attempt,
+        "output": f"cleaned {120 - i} expired sessions\nvacuumed in 0.{i}s"
+        if status == "succeeded"
+        else 'Traceback (most recent call last):\n  File "report.py", line 41, in main\nConnectionError: smtp refused',
+    }
+    for i, (job, trigger, status, code, attempt) in enumerate(
+        [
+            ("cleanup", "schedule", "succeeded", 0, 1),
+            ("nightly-report", "manual", "failed", 1, 3),
+            ("cleanup", "schedule", "succeeded", 0, 1),
+            ("cleanup", "catch_up", "succeeded", 0, 1),
+            ("sync-ledger", "schedule", "skipped", None, 1),
+            ("cleanup", "schedule", "succeeded", 0, 1),
+        ]
+    )
+]
+
+ENDPOINTS = (
+    {
+        "name": "ops",
+        "url": "https://hooks.example.com/clusterctl",
+        "enabled": True,
+        "in_flight": 1,
+        "delivered": 1204,
+        "failed": 3,
+        "last_error": None,
+    },
+    {
+        "name": "billing",
+        "url": "https://billing.example.com/events",
+        "enabled": False,
+        "in_flight": 0,
+        "delivered": 88,
+        "failed": 9,
+        "last_error": "HTTP 410: gone",
+    },
+)
+QUEUES = {"ops": {"delivered": 1204, "pending": 2, "failed": 1, "dead": 1}, "billing": {"delivered": 88, "dead": 9}}
+DELIVERIES = [
+    {
+        "id": 5120 - i,
+        "event_id": f"msg_18ea5a0f21e7{i:04d}",
+        "type": kind,
+        "endpoint": endpoint,
+        "attempt": attempt,
+        "status": status,
+        "response_code": code,
+        "last_error": error,
+        "created_at": "2026-11-22T09:29:12.000Z",
+        "next_attempt_at": None,
+        "delivered_at": None,
+        "replay_of": None,
+    }
+    for i, (kind, endpoint, status, attempt, code, error) in enumerate(
+        [
+            ("app.order_created", "ops", "delivered", 1, 204, None),
+            ("worker.crashed", "ops", "delivered", 1, 200, None),
+            ("job.failed", "ops", "failed", 2, 503, "HTTP 503: upstream busy"),
+            ("app.order_created", "billing", "dead", 1, 410, "410 Gone: the receiver asked us to stop"),
+            ("cluster.scaled", "ops", "dead", 8, None, "ConnectError: connection refused"),
+            ("app.order_created", "ops", "delivered", 1, 204, None),
+        ]
+    )
+]
+
+EVENTS = [
+    ("cluster.started", "serving shop.main:app on 127.0.0.1:8000 with 8 workers", None, None),
+    ("cluster.scaled", "scaled from 6 to 8 workers", None, None),
+    ("worker.crashed", "killed: killed by operator", 3, 41221),
+    ("worker.spawned", "spawned (generation 3)", 3, 41221),
+    ("job.failed", "nightly-report 2026-11-22T06:30:00.000Z (manual): failed, exit code 1", None, None),
+    ("worker.crashed", "crashed: exit code 3", 5, 41240),
+    ("cluster.reload_started", "rolling restart to generation 4", None, None),
+]
+
+TAIL = [
+    LogLine(3, 41221, "err", "INFO:     shop.main: cache warmed (1834 keys)"),
+    LogLine(3, 41221, "out", "payment provider: using sandbox"),
+    LogLine(3, 41221, "err", "WARNING:  slow query: SELECT * FROM orders (412 ms)"),
+    LogLine(3, 41221, "err", "INFO:     ready"),
+]
+
+
+class SampleBackend:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.events = EventBus()
+        self.actions: list[tuple[Any, ...]] = []
+        self.desired = 8
+        for offset, (kind, message, worker_id, pid) in enumerate(EVENTS):
+            self.events.recent.append(Event(kind, message, worker_id, pid, {}, T0 - 600 + offset * 37))
+
+    async def start(self) -> None:
+        return None
+
+    async def wait(self) -> None:
+        return None
+
+    def request_stop(self) -> None:
+        self.actions.append(("stop",))
+
+    def snapshot(self) -> ClusterSnapshot:
+        return ClusterSnapshot(
+            pid=41200,
+            bind="127.0.0.1:8000",
+            desired_workers=self.desired,
+            generation=3,
+            workers=WORKERS,
+            requests_per_second=round(sum(w.requests_per_second for w in WORKERS), 1),
+            p50_ms=1.4,
+            p99_ms=12.6,
+            error_rate=0.0031,
+            cpu_percent=round(sum(w.cpu_percent for w in WORKERS), 1),
+            rss_bytes=sum(w.rss_bytes for w in WORKERS),
+            primary_cpu_percent=1.2,
+            primary_rss_bytes=61 * 1024 * 1024,
+            rps_history=tuple(round(s * 6, 1) for s in _wave(0, 120, 130)),
+            reload=ReloadSnapshot(generation=4, total=8, done=3, state="running"),
+            jobs=JOBS,
+            endpoints=ENDPOINTS,
+            webhooks={"pending": 2, "failed": 11, "delivered": 1292, "dead": 10},
+            started_at="2026-11-22T08:12:40.000Z",
+        )
+
+    def scale_by(self, delta: int) -> int:
+        if self.desired + delta < 1:
+            raise ValueError("the cluster needs at least 1 worker")
+        self.desired += delta
+        self.actions.append(("scale", delta))
+        return self.desired
+
+    async def reload(self) -> int:
+        self.actions.append(("reload",))
+        return 4
+
+    def kill_worker(self, worker_id: int) -> int:
+        self.actions.append(("kill", worker_id))
+        return 41200 + worker_id * 7
+
+    async def run_job(self, name: str) -> int:
+        self.actions.append(("run_job", name))
+        return 913
+
+    async def set_job_paused(self, name: str, paused: bool) -> None:
+        self.actions.append(("pause", name, paused))
+
+    async def replay_delivery(self, delivery_id: int) -> list[int]:
+        self.actions.append(("replay", delivery_id))
+        return [5121]
+
+    async def job_history(
+        self, job: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return [r for r in RUNS if (job is None or r["job"] == job) and (status is None or r["status"] == status)][
+            :limit
+        ]
+
+    async def deliveries(self, limit: int = 100) -> list[dict[str, Any]]:
+        return DELIVERIES[:limit]
+
+    async def endpoint_queues(self) -> dict[str, dict[str, int]]:
+        return QUEUES
+
+    def worker_tail(self, worker_id: int, limit: int = 20) -> list[LogLine]:
+        return [line for line in TAIL if line.worker_id == worker_id][-limit:]
+
+    def subscribe_logs(self, callback: Any) -> None:
+        return None
