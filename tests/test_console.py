@@ -138,3 +138,24 @@ def test_runtime_does_not_import_textual():
     code = "import runtime, runtime.primary, runtime.cli, runtime.worker, sys; print('textual' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_a_failing_store_is_reported_and_the_console_keeps_working():
+    from console.sample import NOW, SampleBackend
+
+    class BrokenStore(SampleBackend):
+        async def job_history(self, *args, **kwargs):
+            raise OSError("database or disk is full")
+
+    backend = BrokenStore()
+    app = ClusterConsole(backend, start_backend=False, clock=lambda: NOW)
+
+    async def run() -> None:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("2")
+            await until(pilot, lambda: "disk is full" in str(app.sub_title), what="the store error in the title")
+            await pilot.press("1", "plus")
+            await until(pilot, lambda: ("scale", 1) in backend.actions, what="a key still acting")
+            assert app.is_running
+
+    asyncio.run(run())

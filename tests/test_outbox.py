@@ -99,3 +99,22 @@ def test_emit_refuses_what_it_cannot_store(tmp_path, monkeypatch):
         emit("app.x", {})
     with pytest.raises(TypeError):
         emit("app.x", {"not json": object()}, db=tmp_path / "s.db")
+
+
+def test_webhook_retention_drops_old_finished_deliveries_and_their_events(tmp_path):
+    store = Store(tmp_path / "state.db")
+    store.sync_endpoints([{"name": "a", "url": "http://127.0.0.1:9/", "events": ["*"], "max_attempts": 3}])
+    for i in range(3):
+        store.emit(f"msg_old{i}", "app.x", "{}", ["a"])
+    store.emit("msg_new", "app.x", "{}", ["a"])
+    store.emit("msg_pending", "app.x", "{}", ["a"])
+    store.conn.execute("UPDATE webhook_deliveries SET status = 'delivered' WHERE event_id != 'msg_pending'")
+    store.conn.execute("UPDATE webhook_events SET created_at = '2000-01-01T00:00:00.000Z' WHERE id LIKE 'msg_old%'")
+    store.conn.execute(
+        "UPDATE webhook_deliveries SET created_at = '2000-01-01T00:00:00.000Z' WHERE event_id LIKE 'msg_old%'"
+    )
+    store.prune_webhooks(keep_days=1)
+    events = {row[0] for row in store.conn.execute("SELECT id FROM webhook_events")}
+    assert events == {"msg_new", "msg_pending"}
+    statuses = sorted(row[0] for row in store.conn.execute("SELECT status FROM webhook_deliveries"))
+    assert statuses == ["delivered", "pending"]

@@ -83,3 +83,18 @@ def test_unhealthy_replacement_rolls_back_and_old_workers_keep_serving(start_clu
     assert "cluster.reload_failed" in cluster.output()
     code, _ = get(cluster.port)
     assert code == 200
+
+
+def test_max_memory_mb_recycles_one_worker_at_a_time(start_cluster):
+    cluster = start_cluster(workers=2, config="[server]\nmax_memory_mb = 1\n")  # every worker is over 1 MiB
+
+    def recycled():
+        return [e for e in cluster.worker_events() if e["event"] == "recycled"]
+
+    events = wait_for(lambda: len(recycled()) >= 2 and recycled(), 30, "two memory recycles")
+    assert all("max_memory_mb" in e["reason"] for e in events)
+    # Never more than one replacement at a time: capacity stays at 2 serving workers.
+    for _ in range(10):
+        workers = cluster.status()["workers"]
+        assert sum(w["state"] == "starting" for w in workers) <= 1
+        assert sum(w["state"] in ("ready", "draining") for w in workers) >= 2
