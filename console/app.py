@@ -192,7 +192,7 @@ class ClusterConsole(App[int]):
         active = self.active
         if active == "workers":
             self.query_one(WorkersView).apply(
-                snap, lambda worker_id: [_tail_line(line) for line in self.backend.worker_tail(worker_id, 4)]
+                snap, lambda worker_id: [_tail_line(line) for line in self.backend.worker_tail(worker_id, 40)]
             )
         elif active == "jobs":
             self.query_one(JobsView).apply_jobs(snap.jobs, self.clock())

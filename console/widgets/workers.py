@@ -15,10 +15,14 @@ from runtime import ClusterSnapshot, WorkerSnapshot
 from ..format import duration, number, size, spark, state, styled
 
 WIDE = 100  # columns at and above which the table shows p50 and the trend
-TREND = 10
+WIDER = 140  # ... and a longer trend
 
 
-def _columns(wide: bool) -> list[tuple[str, str, int]]:
+def _trend_width(width: int) -> int:
+    return 24 if width >= WIDER else 10
+
+
+def _columns(wide: bool, trend: int = 10) -> list[tuple[str, str, int]]:
     columns = [
         ("id", "ID", 2),
         ("pid", "PID", 7),
@@ -33,11 +37,11 @@ def _columns(wide: bool) -> list[tuple[str, str, int]]:
     ]
     if wide:
         columns.insert(7, ("p50", "P50 ms", 6))
-        columns.append(("trend", "TREND", TREND))
+        columns.append(("trend", "TREND", trend))
     return columns
 
 
-def _cells(worker: WorkerSnapshot, wide: bool) -> dict[str, object]:
+def _cells(worker: WorkerSnapshot, wide: bool, trend: int = 10) -> dict[str, object]:
     cells: dict[str, object] = {
         "id": styled(str(worker.id), "bold"),
         "pid": str(worker.pid or "-"),
@@ -52,7 +56,7 @@ def _cells(worker: WorkerSnapshot, wide: bool) -> dict[str, object]:
     }
     if wide:
         cells["p50"] = number(worker.p50_ms)
-        cells["trend"] = styled(spark(worker.rps_history, TREND), "green")
+        cells["trend"] = styled(spark(worker.rps_history, trend), "green")
     return cells
 
 
@@ -61,7 +65,7 @@ class WorkersView(Vertical):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._wide: bool | None = None
+        self._layout: tuple[bool, int] | None = None
         self._keys: list[str] = []
         self._shown: dict[tuple[str, str], object] = {}
         self._workers: dict[str, WorkerSnapshot] = {}
@@ -95,7 +99,8 @@ class WorkersView(Vertical):
             progress.update(total=snap.reload.total, progress=snap.reload.done)
         self._table(snap)
         selected = self.selected()
-        tail = tail_of(selected.id) if selected is not None else []
+        lines = max(3, self.query_one("#worker-tail", Static).size.height - 2)
+        tail = tail_of(selected.id)[-lines:] if selected is not None else []
         title = Text(f"worker {selected.id} output" if selected else "", style="bold")
         if selected is not None and selected.last_exit:
             title.append(f"  last exit: {selected.last_exit}", style="bold red")
@@ -119,28 +124,30 @@ class WorkersView(Vertical):
     def _table(self, snap: ClusterSnapshot) -> None:
         table = self.table
         wide = self.size.width >= WIDE
+        trend = _trend_width(self.size.width)
+        columns = _columns(wide, trend)
         keys = [f"{w.id}/{w.pid}" for w in snap.workers]
         self._workers = dict(zip(keys, snap.workers, strict=True))
         with self.app.batch_update():
-            if wide != self._wide:
+            if (wide, trend) != self._layout:
                 table.clear(columns=True)
-                for key, label, width in _columns(wide):
+                for key, label, width in columns:
                     table.add_column(label, key=key, width=width)
-                self._wide, self._keys, self._shown = wide, [], {}
+                self._layout, self._keys, self._shown = (wide, trend), [], {}
             if keys != self._keys:
                 selected = self._keys[table.cursor_row] if 0 <= table.cursor_row < len(self._keys) else None
                 table.clear()
                 self._shown = {}
                 for key, worker in zip(keys, snap.workers, strict=True):
-                    cells = _cells(worker, wide)
-                    table.add_row(*[cells[c] for c, _, _ in _columns(wide)], key=key)
+                    cells = _cells(worker, wide, trend)
+                    table.add_row(*[cells[c] for c, _, _ in columns], key=key)
                     self._shown.update({(key, c): v for c, v in cells.items()})
                 self._keys = keys
                 if selected in keys:
                     table.move_cursor(row=keys.index(selected))
                 return
             for key, worker in zip(keys, snap.workers, strict=True):
-                for column, value in _cells(worker, wide).items():
+                for column, value in _cells(worker, wide, trend).items():
                     if self._shown.get((key, column)) != value:
                         table.update_cell(key, column, value, update_width=False)
                         self._shown[(key, column)] = value
