@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 import zoneinfo
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,16 +336,25 @@ def _list_of_tables(label: str, key: str, value: Any) -> list[Any]:
     return value
 
 
-def _jobs(label: str, raw: Any) -> tuple[JobConfig, ...]:
-    jobs: list[JobConfig] = []
-    for index, table in enumerate(_list_of_tables(label, "jobs", raw)):
+def _named_tables(label: str, key: str, raw: Any, known: set[str]) -> Iterator[tuple[_Section, str]]:
+    """Each table of an array like [[jobs]], with its unique `name` checked."""
+    seen: set[str] = set()
+    for index, table in enumerate(_list_of_tables(label, key, raw)):
         name = table.get("name") if isinstance(table, dict) else None
-        s = _Section(f"{label}: [[jobs]] {name or f'#{index + 1}'}", table, _JOB)
+        s = _Section(f"{label}: [[{key}]] {name or f'#{index + 1}'}", table, known)
         name = s.string("name", None)
         if name is None:
             raise s.fail("name", "missing")
-        if any(job.name == name for job in jobs):
-            raise s.fail("name", f"duplicate job name {name!r}")
+        if name in seen:
+            raise s.fail("name", f"duplicate {key[:-1]} name {name!r}")
+        seen.add(name)
+        yield s, name
+
+
+def _jobs(label: str, raw: Any) -> tuple[JobConfig, ...]:
+    jobs: list[JobConfig] = []
+    for s, name in _named_tables(label, "jobs", raw, _JOB):
+        table = s.table
         schedule = s.string("schedule", None)
         if schedule is None:
             raise s.fail("schedule", "missing")
@@ -385,14 +395,8 @@ def _jobs(label: str, raw: Any) -> tuple[JobConfig, ...]:
 
 def _webhooks(label: str, raw: Any) -> tuple[WebhookConfig, ...]:
     hooks: list[WebhookConfig] = []
-    for index, table in enumerate(_list_of_tables(label, "webhooks", raw)):
-        name = table.get("name") if isinstance(table, dict) else None
-        s = _Section(f"{label}: [[webhooks]] {name or f'#{index + 1}'}", table, _WEBHOOK)
-        name = s.string("name", None)
-        if name is None:
-            raise s.fail("name", "missing")
-        if any(hook.name == name for hook in hooks):
-            raise s.fail("name", f"duplicate webhook name {name!r}")
+    for s, name in _named_tables(label, "webhooks", raw, _WEBHOOK):
+        table = s.table
         url = s.string("url", None)
         if url is None or not url.startswith(("http://", "https://")):
             raise s.fail("url", "expected an http:// or https:// URL")

@@ -147,16 +147,11 @@ class Supervisor:
         for slot_id in range(1, self.desired + 1):
             slot = self.slots[slot_id] = Slot(slot_id)
             slot.current = self._spawn(slot_id, self.generation)
-        waiting = [slot.current for slot in self.slots.values() if slot.current]
         try:
-            async with asyncio.timeout(self.server.ready_timeout):
-                for worker in waiting:
-                    assert worker.ready is not None
-                    await worker.ready
-        except (TimeoutError, ReloadFailed) as exc:
-            reason = str(exc) or f"workers not ready within {self.server.ready_timeout:g}s"
+            await self._wait_ready([slot.current for slot in self.slots.values() if slot.current])
+        except ReloadFailed as exc:
             await self._abort_all()
-            raise BootError(reason) from None
+            raise BootError(str(exc)) from None
         self._spawn_task(self._loop())
         self._spawn_task(self._sample_resources())
 
@@ -614,17 +609,9 @@ class Supervisor:
                     slot.incoming = self._spawn(slot_id, generation)
                     incoming.append(slot.incoming)
                 try:
-                    async with asyncio.timeout(self.server.ready_timeout):
-                        for worker in incoming:
-                            assert worker.ready is not None
-                            await worker.ready
-                except (TimeoutError, ReloadFailed) as exc:
-                    reason = str(exc) or f"replacement not ready within {self.server.ready_timeout:g}s"
-                    problems = [
-                        f"worker {w.slot} (pid {w.pid}): {w.health_problem}" for w in incoming if w.health_problem
-                    ]
-                    if isinstance(exc, TimeoutError) and problems:
-                        reason += f" ({problems[0]})"
+                    await self._wait_ready(incoming)
+                except ReloadFailed as exc:
+                    reason = str(exc)
                     for worker in incoming:
                         if worker.alive and worker.state != "ready":
                             self._fail_start(worker, reason)
@@ -655,6 +642,18 @@ class Supervisor:
             raise
         state.state = "succeeded"
         self.events.publish("cluster.reloaded", f"rolling restart done: generation {generation}", generation=generation)
+
+    async def _wait_ready(self, workers: list[WorkerProc]) -> None:
+        """Until every one is ready; ReloadFailed naming the first that died, failed its check or was too slow."""
+        try:
+            async with asyncio.timeout(self.server.ready_timeout):
+                for worker in workers:
+                    assert worker.ready is not None
+                    await worker.ready
+        except TimeoutError:
+            reason = f"not ready within {self.server.ready_timeout:g}s"
+            problems = [f"worker {w.slot} (pid {w.pid}): {w.health_problem}" for w in workers if w.health_problem]
+            raise ReloadFailed(f"{reason} ({problems[0]})" if problems else reason) from None
 
     # ------------------------------------------------------------------ resources
 
