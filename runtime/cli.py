@@ -133,6 +133,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.workers is not None:
             parse_workers(args.workers, "--workers")
         settings = _settings(args, app=args.app, bind=args.bind, workers=args.workers)
+        if args.app is None:
+            from .demo import with_demo_extras
+
+            settings = with_demo_extras(settings)
         return _up(settings, args.headless)
     if args.command == "check":
         settings = _settings(args)
@@ -278,9 +282,6 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _up(settings: Settings, headless: bool) -> int:
-    from .demo import with_demo_extras
-
-    settings = with_demo_extras(settings)
     if not headless:
         try:
             from console.app import run_console

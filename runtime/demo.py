@@ -102,7 +102,7 @@ def report() -> str:
 
 
 def with_demo_extras(settings: Settings) -> Settings:
-    """No config at all: add the demo job and a webhook delivered to the demo app itself."""
+    """No config and no --app: add the demo job and a webhook delivered to the demo app itself."""
     if settings.source is not None or not settings.is_demo:
         return settings
     job = JobConfig(name="demo-report", schedule="* * * * *", call="runtime.demo:report", timeout=30)

@@ -573,8 +573,10 @@ class Supervisor:
                 slot.last_exit = reason
                 stable = worker.ready_at is not None and now - worker.ready_at >= STABLE_AFTER
                 slot.failures = 0 if stable else slot.failures + 1
-                if code == EXIT_BOOT_ERROR or slot.failures:
-                    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, slot.failures - 1))
+                # One early death may be bad luck (an operator's kill, the OOM killer): replace it at
+                # once. A second in a row, or an app that cannot even load, is a crash loop: back off.
+                if code == EXIT_BOOT_ERROR or slot.failures > 1:
+                    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, slot.failures - 2))
                     slot.backoff_until = now + delay
         self.wake()
 
