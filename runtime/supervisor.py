@@ -30,6 +30,8 @@ from typing import Any
 
 import psutil
 
+from . import balance
+from .balance import ConnectionBoard
 from .channel import EXIT_BOOT_ERROR, SPEC_ENV, health_socket_name
 from .config import Settings
 from .events import EventBus
@@ -62,6 +64,7 @@ class WorkerProc:
     spawned_at: float
     last_seen: float
     recycle_after: int
+    board_index: int = 0
     state: str = "starting"
     ready_at: float | None = None
     heard: bool = False
@@ -139,6 +142,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._psutil: dict[int, psutil.Process] = {}
         self.heartbeat_interval = min(HEARTBEAT_INTERVAL_MAX, self.server.timeout / 4)
+        self.board = ConnectionBoard.create()
 
     # ------------------------------------------------------------------ public actions
 
@@ -192,6 +196,7 @@ class Supervisor:
             await asyncio.wait(pending)
         for task in self._tasks:
             task.cancel()
+        self.board.close()
 
     def wake(self) -> None:
         self._wake.set()
@@ -263,7 +268,10 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         listen_fds = [s.fileno() for s in self.listener.sockets_for_worker(slot_id)]
+        board_index = self.board.claim({w.board_index for w in self._all_workers()})
         spec = {
+            "board_fd": self.board.fd,
+            "board_index": board_index,
             "target": self.settings.app.target,
             "interface": self.settings.app.interface,
             "listen_fds": listen_fds,
@@ -287,7 +295,7 @@ class Supervisor:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "runtime.worker"],
-                pass_fds=(*listen_fds, theirs.fileno()),
+                pass_fds=(*listen_fds, theirs.fileno(), self.board.fd),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -306,6 +314,7 @@ class Supervisor:
             spawned_at=now,
             last_seen=now,
             recycle_after=self.server.max_requests + jitter,
+            board_index=board_index,
             ready=loop.create_future(),
             exited=loop.create_future(),
         )
@@ -506,6 +515,7 @@ class Supervisor:
 
     def _drain(self, worker: WorkerProc, reason: str) -> None:
         worker.state = "draining"
+        self.board.set(worker.board_index, balance.OFF)  # no one defers to a worker that has stopped accepting
         worker.drain_reason = worker.drain_reason or reason
         worker.drain_deadline = time.monotonic() + self.server.graceful_timeout + KILL_GRACE
         for slot in self.slots.values():
@@ -546,6 +556,7 @@ class Supervisor:
                 slot.current = None
             if slot.incoming is worker:
                 slot.incoming = None
+        self.board.set(worker.board_index, balance.OFF)
         how = _describe_exit(code)
         assert worker.ready is not None
         if not worker.ready.done():

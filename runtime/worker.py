@@ -29,6 +29,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -36,6 +37,8 @@ import uvicorn
 import uvloop
 from uvicorn.server import ServerState
 
+from . import balance
+from .balance import ConnectionBoard
 from .channel import EXIT_BOOT_ERROR, EXIT_PRIMARY_GONE, SPEC_ENV, health_socket_name
 from .metrics import RequestCounters
 
@@ -138,15 +141,43 @@ class MetricsMiddleware:
 class Acceptor:
     """Accepts on the inherited listening sockets and hands each connection to uvicorn's protocol.
 
-    One accept per readiness wake-up: every worker woken on the shared socket gets
-    a fair chance at the next connection instead of one worker taking a burst.
+    One accept per readiness wake-up, and none while this worker holds more
+    connections than the least loaded one (see `runtime.balance`): every worker
+    woken on the shared socket gets a fair chance at the next connection.
     """
 
-    def __init__(self, sockets: list[socket.socket], factory: Any) -> None:
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        factory: Any,
+        connections: Callable[[], int],
+        board: ConnectionBoard | None = None,
+        index: int = 0,
+    ) -> None:
         self.sockets = sockets
-        self.factory = factory
+        self.connections = connections
+        self.board = board
+        self.index = index
         self.pending: set[asyncio.Task[Any]] = set()
         self.accepting = False
+        self._deferred_since: float | None = None
+
+        def counted_factory() -> Any:
+            protocol = factory()
+            lost = protocol.connection_lost
+
+            def connection_lost(exc: Exception | None) -> None:
+                lost(exc)
+                self.publish()
+
+            protocol.connection_lost = connection_lost
+            return protocol
+
+        self.factory = counted_factory if board is not None else factory
+
+    def publish(self) -> None:
+        if self.board is not None and self.accepting:
+            self.board.set(self.index, self.connections() + len(self.pending))
 
     def start(self) -> None:
         if self.accepting:
@@ -156,8 +187,14 @@ class Acceptor:
             sock.setblocking(False)
             loop.add_reader(sock.fileno(), self._accept, sock)
         self.accepting = True
+        self.publish()
 
     def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        if self.board is not None and self._step_aside(loop.time()):
+            loop.remove_reader(listener.fileno())
+            loop.call_later(balance.DEFER, self._resume, listener)
+            return
         try:
             conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -167,10 +204,32 @@ class Acceptor:
             return
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        loop = asyncio.get_running_loop()
         task = loop.create_task(loop.connect_accepted_socket(self.factory, conn))
         self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        task.add_done_callback(self._connected)
+        self.publish()
+
+    def _step_aside(self, now: float) -> bool:
+        assert self.board is not None
+        since = self._deferred_since
+        if since is not None and now - since > balance.MAX_DEFER * 5:
+            since = None  # left over from an earlier connection
+        if since is not None and now - since >= balance.MAX_DEFER:
+            self._deferred_since = None
+            return False  # waited long enough: the least loaded worker may be busy or stuck
+        if self.board.should_defer(self.index, self.connections() + len(self.pending)):
+            self._deferred_since = since if since is not None else now
+            return True
+        self._deferred_since = None
+        return False
+
+    def _resume(self, listener: socket.socket) -> None:
+        if self.accepting:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+
+    def _connected(self, task: asyncio.Task[Any]) -> None:
+        self.pending.discard(task)
+        self.publish()
 
     async def stop(self) -> None:
         """Stop accepting; every connection already accepted is handed over before this returns."""
@@ -179,6 +238,8 @@ class Acceptor:
             for sock in self.sockets:
                 loop.remove_reader(sock.fileno())
         self.accepting = False
+        if self.board is not None:
+            self.board.set(self.index, balance.OFF)
         for sock in self.sockets:
             sock.close()
         if self.pending:
@@ -238,7 +299,10 @@ class Worker:
             app_state=self.lifespan.state,
         )
         listeners = [socket.socket(fileno=fd) for fd in self.spec["listen_fds"]]
-        self.acceptor = Acceptor(listeners, factory)
+        board = ConnectionBoard(self.spec["board_fd"]) if self.spec.get("board_fd") is not None else None
+        self.acceptor = Acceptor(
+            listeners, factory, lambda: len(self.state.connections), board, self.spec.get("board_index", 0)
+        )
         health = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         health.bind(health_socket_name(int(os.environ["CLUSTERCTL_PRIMARY_PID"]), os.getpid()))
         health.listen(16)

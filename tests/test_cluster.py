@@ -273,3 +273,20 @@ def test_control_socket_refuses_another_user(start_cluster):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
     assert "refused" in result.stdout or "permission denied" in result.stdout, result
     assert '"ok": true' not in result.stdout
+
+
+def test_keepalive_connections_are_spread_across_workers(start_cluster):
+    from conftest import Load
+
+    cluster = start_cluster(workers=4)
+    with Load(cluster.port, clients=12) as load:
+        load.wait_requests(2000)
+
+        def spread():
+            counts = [w["connections"] for w in cluster.status()["workers"]]
+            return sum(counts) == 12 and counts
+
+        counts = wait_for(spread, 10, "all 12 connections reported")
+        load.wait_requests(1000)
+    assert max(counts) - min(counts) <= 2, counts  # 3 each, give or take the slack
+    assert len(load.by_pid) == 4 and min(load.by_pid.values()) > 0, load.by_pid
