@@ -4,8 +4,8 @@ This is the one seam for the distribution strategy. The primary asks a
 `Listener` for the sockets to hand to each new worker, and the worker accepts
 on whatever it was given (see `runtime.worker.Acceptor`). Today's strategy is
 `SharedListener`: one socket bound once by the primary and inherited by every
-worker, so the kernel spreads connections across the workers that accept.
-Another strategy (per-worker SO_REUSEPORT sockets, primary-side hand-off)
+worker, so the kernel spreads connections across the workers that accept,
+evened out by the connection board of `runtime.balance`. Another strategy (per-worker SO_REUSEPORT sockets, primary-side hand-off)
 replaces this class and nothing else.
 """
 
