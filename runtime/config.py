@@ -7,7 +7,9 @@ exit 2.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 import zoneinfo
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from typing import Any
 from . import cron
 
 DEMO_TARGET = "runtime.demo:app"
+MAX_WORKERS = 256
 
 
 class ConfigError(Exception):
@@ -189,6 +192,8 @@ class _Section:
         if isinstance(value, bool) or not isinstance(value, kinds):
             kind = "an integer" if integer else "a number"
             raise self.fail(key, f"expected {kind}, got {value!r}")
+        if not math.isfinite(value):
+            raise self.fail(key, f"expected a finite number, got {value!r}")
         if value < minimum:
             raise self.fail(key, f"must be at least {minimum}, got {value!r}")
         return value
@@ -296,10 +301,10 @@ def is_import_target(target: str) -> bool:
 def parse_workers(value: Any, where: str = "workers") -> int:
     if value == "auto":
         return usable_cpus()
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f'{where}: expected a positive integer or "auto", got {value!r}')
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f'{where}: expected "auto" or a whole number from 1 to {MAX_WORKERS}, got {value!r}')
     return value
 
 
@@ -320,7 +325,13 @@ def parse_bind(bind: str) -> tuple[str, int] | str:
 def _store(s: _Section, overrides: dict[str, Any], cwd: Path) -> StoreConfig:
     raw = overrides.get("db") or s.string("path", str(StoreConfig.path))
     assert raw is not None
-    path = Path(raw).expanduser()
+    where = "--db" if overrides.get("db") else f"{s.where} path"
+    if "\0" in raw:
+        raise ConfigError(f"{where}: a path cannot contain a NUL byte")
+    try:
+        path = Path(raw).expanduser()
+    except RuntimeError as exc:  # ~user that does not exist
+        raise ConfigError(f"{where}: {exc}") from None
     if not path.is_absolute():
         path = cwd / path
     return StoreConfig(
@@ -341,7 +352,8 @@ def _named_tables(label: str, key: str, raw: Any, known: set[str]) -> Iterator[t
     seen: set[str] = set()
     for index, table in enumerate(_list_of_tables(label, key, raw)):
         name = table.get("name") if isinstance(table, dict) else None
-        s = _Section(f"{label}: [[{key}]] {name or f'#{index + 1}'}", table, known)
+        shown = repr(name) if isinstance(name, str) and name else f"#{index + 1}"
+        s = _Section(f"{label}: [[{key}]] {shown}", table, known)
         name = s.string("name", None)
         if name is None:
             raise s.fail("name", "missing")
@@ -364,7 +376,7 @@ def _jobs(label: str, raw: Any) -> tuple[JobConfig, ...]:
         assert timezone is not None
         try:
             zoneinfo.ZoneInfo(timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
             raise s.fail("timezone", f"unknown time zone {timezone!r}") from None
         kinds = [key for key in ("command", "call", "http") if s.has(key)]
         if len(kinds) != 1:

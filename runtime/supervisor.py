@@ -43,6 +43,7 @@ from .snapshot import ReloadSnapshot, WorkerSnapshot
 TICK = 0.25  # seconds between checks for hung workers and expired back-offs
 KILL_GRACE = 2.0  # after SIGABRT (or the drain deadline), SIGKILL
 STABLE_AFTER = 10.0  # a worker ready this long resets its slot's crash count
+OUTSIDE_KILLS_TOLERATED = 5  # SIGKILLs from outside within STABLE_AFTER before they count as a crash loop
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 HEARTBEAT_INTERVAL_MAX = 1.0
@@ -105,6 +106,7 @@ class Slot:
     backoff_until: float = 0.0
     restarts: int = 0
     last_exit: str | None = None
+    deaths: list[float] = field(default_factory=list)  # monotonic times, within STABLE_AFTER
 
 
 @dataclass
@@ -582,7 +584,13 @@ class Supervisor:
             if slot is not None and not self.stopping:
                 slot.restarts += 1
                 slot.last_exit = reason
+                slot.deaths = [t for t in slot.deaths if now - t < STABLE_AFTER] + [now]
                 stable = worker.ready_at is not None and now - worker.ready_at >= STABLE_AFTER
+                # A SIGKILL from outside (an operator, the OOM killer, chaos) says nothing about the
+                # app: replace it at once, unless it keeps happening.
+                killed_from_outside = code == -signal.SIGKILL and worker.kill_reason in (None, "killed by operator")
+                if killed_from_outside and len(slot.deaths) <= OUTSIDE_KILLS_TOLERATED:
+                    stable = True
                 slot.failures = 0 if stable else slot.failures + 1
                 # One early death may be bad luck (an operator's kill, the OOM killer): replace it at
                 # once. A second in a row, or an app that cannot even load, is a crash loop: back off.

@@ -254,6 +254,7 @@ class Worker:
         self.counters = RequestCounters()
         self.app = MetricsMiddleware(app, self.counters, self)
         self.state = ServerState()
+        self.acceptor: Acceptor | None = None
         self.draining = False
         self.done = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
@@ -313,12 +314,15 @@ class Worker:
         return 0
 
     def begin_drain(self) -> None:
+        if self.acceptor is None:
+            os._exit(0)  # told to stop before it ever served: nothing to drain
         if not self.draining:
             self.draining = True
             self._spawn(self._drain())
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self.acceptor is not None
         await self.acceptor.stop()
         self.health_server.close()
         deadline = loop.time() + self.spec["graceful_timeout"]
@@ -359,7 +363,7 @@ class Worker:
     async def _listen(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
             kind = json.loads(line).get("t")
-            if kind == "accept" and not self.draining:
+            if kind == "accept" and not self.draining and self.acceptor is not None:
                 self.acceptor.start()
                 self.send({"t": "ready"})
             elif kind == "drain":
