@@ -212,7 +212,7 @@ def test_good_binds(tmp_path: Path, bind: str) -> None:
         pytest.param("[jobs]\nname = 'x'\n", ["jobs", "[[jobs]]"], id="jobs-not-array"),
         pytest.param(
             '[[jobs]]\nname = "tick"\nschedule = "61 * * * *"\ncommand = ["true"]\n',
-            ["[[jobs]] tick", "schedule", "'61 * * * *'"],
+            ["[[jobs]] 'tick'", "schedule", "'61 * * * *'"],
             id="cron-bad-minute",
         ),
         pytest.param(
@@ -247,12 +247,12 @@ def test_good_binds(tmp_path: Path, bind: str) -> None:
         ),
         pytest.param(
             '[[jobs]]\nname = "x"\nschedule = "* * * * *"\n',
-            ["[[jobs]] x", "exactly one of command / call / http"],
+            ["[[jobs]] 'x'", "exactly one of command / call / http"],
             id="no-command",
         ),
         pytest.param(
             '[[jobs]]\nname = "x"\nschedule = "* * * * *"\nhttp = { method = "POST" }\n',
-            ["[[jobs]] x", "http", "url"],
+            ["[[jobs]] 'x'", "http", "url"],
             id="http-without-url",
         ),
         pytest.param(JOB + 'overlap = "queue"\n', ["overlap", "'queue'"], id="overlap-unknown"),
@@ -260,7 +260,7 @@ def test_good_binds(tmp_path: Path, bind: str) -> None:
         pytest.param(JOB + JOB, ["name", "duplicate", "'cleanup'"], id="duplicate-job"),
         pytest.param(WEBHOOK + WEBHOOK, ["name", "duplicate", "'ops'"], id="duplicate-webhook"),
         pytest.param(
-            '[[webhooks]]\nname = "ops"\nurl = "ftp://example.com/"\n', ["[[webhooks]] ops", "url"], id="webhook-url"
+            '[[webhooks]]\nname = "ops"\nurl = "ftp://example.com/"\n', ["[[webhooks]] 'ops'", "url"], id="webhook-url"
         ),
         pytest.param(WEBHOOK + "events = []\n", ["ops", "events"], id="webhook-no-events"),
     ],
