@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import random
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -164,10 +165,15 @@ class Scheduler:
             if not await self._sleep_until(state, slot):
                 continue  # woken early (pause/resume): recompute from the same cursor
             cursor = slot
-            if state.paused:
-                await self.store.call(db.mark_slot, job.name, to_iso(slot))
-                continue
-            await self._fire(state, slot, "schedule")
+            try:
+                if state.paused:
+                    await self.store.call(db.mark_slot, job.name, to_iso(slot))
+                    continue
+                await self._fire(state, slot, "schedule")
+            except (OSError, sqlite3.Error) as exc:
+                # No claim, no run: exactly-once needs the store. Say so and keep the schedule going.
+                self.store.last_error = f"store {self.store.store.path}: {exc}"
+                self.events.publish("job.not_run", f"{job.name} {to_iso(slot)}: not run, the store failed: {exc}")
 
     async def _sleep_until(self, state: JobState, slot: datetime) -> bool:
         """Sleep until `slot`; False if woken early by a change to the job."""
