@@ -9,7 +9,7 @@ harmless.
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,19 +25,27 @@ HISTORY = 120  # one point a second for the sparklines
 class RequestCounters:
     """The worker-side recorder. Plain attributes: it runs on every request."""
 
-    __slots__ = ("by_class", "histogram", "in_flight")
+    __slots__ = ("by_status", "histogram", "in_flight")
 
     def __init__(self) -> None:
-        self.by_class = [0] * 6  # index = status // 100; 0 = no response
+        self.by_status = [0] * 10  # index = status // 100 (0: no response; 6-9: nonstandard codes)
         self.histogram = [0] * N_BUCKETS
         self.in_flight = 0
 
     def record(self, status: int, seconds: float) -> None:
-        self.by_class[min(status // 100, 5)] += 1
-        self.histogram[bisect.bisect_left(BUCKET_BOUNDS, seconds)] += 1
+        try:
+            self.by_status[status // 100] += 1
+        except IndexError:  # a status code of 1000 or more: count it with the server errors
+            self.by_status[9] += 1
+        self.histogram[bisect_left(BUCKET_BOUNDS, seconds)] += 1
+
+    def by_class(self) -> list[int]:
+        """Requests by status class 0-5; codes of 600 and over count as 5xx."""
+        counts = self.by_status
+        return [*counts[:5], sum(counts[5:])]
 
     def as_message(self) -> dict[str, object]:
-        return {"c": self.by_class, "h": self.histogram, "f": self.in_flight}
+        return {"c": self.by_class(), "h": self.histogram, "f": self.in_flight}
 
 
 def percentile(histogram: Sequence[int], fraction: float) -> float:

@@ -31,6 +31,7 @@ import time
 import traceback
 from collections.abc import Callable
 from email.utils import formatdate
+from time import perf_counter
 from typing import Any
 
 import uvicorn
@@ -100,7 +101,10 @@ def detect_interface(app: Any) -> str:
 
 
 class MetricsMiddleware:
-    """Counts requests by status class, times them, and asks for `Connection: close` while draining."""
+    """Counts requests by status class, times them, and asks for `Connection: close` while draining.
+
+    On every request's path: kept to one closure and no extra coroutine frame per message.
+    """
 
     def __init__(self, app: Any, counters: RequestCounters, worker: Worker) -> None:
         self.app = app
@@ -115,7 +119,7 @@ class MetricsMiddleware:
         worker = self.worker
         status = 0
 
-        async def watch(message: dict[str, Any]) -> None:
+        def watch(message: dict[str, Any]) -> Any:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -124,10 +128,10 @@ class MetricsMiddleware:
                     # never sends its next request into a socket we are about to close.
                     message = dict(message)
                     message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
-            await send(message)
+            return send(message)
 
         counters.in_flight += 1
-        started = time.perf_counter()
+        started = perf_counter()
         try:
             await self.app(scope, receive, watch)
         except BaseException:
@@ -135,7 +139,7 @@ class MetricsMiddleware:
             raise
         finally:
             counters.in_flight -= 1
-            counters.record(status, time.perf_counter() - started)
+            counters.record(status, perf_counter() - started)
 
 
 class Acceptor:

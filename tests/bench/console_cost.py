@@ -10,6 +10,7 @@ window, as a percentage of one core; workers are not included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -76,21 +77,37 @@ def main() -> None:
                 subprocess.run(
                     ["tmux", "new-session", "-d", "-s", session, "-x", "100", "-y", "30", " ".join(cmd)], check=True
                 )
-            pid = wait_ready(db, args.workers)
-            time.sleep(3)  # let start-up settle
-            cpu, rss = measure(pid, args.seconds)
-            print(
-                f"{mode:<9} primary CPU {cpu:5.2f}% of one core, RSS {rss / 1048576:.0f} MiB ({args.workers} idle workers)"
-            )
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while psutil.pid_exists(pid) and time.monotonic() < deadline:
-                if mode == "headless" and proc.poll() is not None:
-                    break
-                time.sleep(0.1)
-            if mode == "console":
-                subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+            pid = None
+            try:
+                pid = wait_ready(db, args.workers)
+                time.sleep(3)  # let start-up settle
+                cpu, rss = measure(pid, args.seconds)
+                print(
+                    f"{mode:<9} primary CPU {cpu:5.2f}% of one core, RSS {rss / 1048576:.0f} MiB"
+                    f" ({args.workers} idle workers)"
+                )
+            finally:
+                stop(pid, proc if mode == "headless" else None)
+                if mode == "console":
+                    subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def stop(pid: int | None, proc: subprocess.Popen | None) -> None:
+    """SIGTERM the primary (the headless one is our child: by its Popen) and wait up to 30 s for it to go."""
+    if pid is None and proc is not None:
+        pid = proc.pid
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(pid) and time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":
+    # SIGTERM (run.py stopping us) unwinds through the finally blocks that stop what we started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()

@@ -127,4 +127,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # SIGTERM (run.py stopping us) unwinds through the finally blocks that stop what we started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()
