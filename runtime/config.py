@@ -239,6 +239,14 @@ _JOB = {
     "jitter",
 }
 _WEBHOOK = {"name", "url", "events", "secret", "max_attempts", "timeout", "concurrency", "retry_base"}
+# Every key each section accepts (for tools and tests; the loader refuses anything else).
+KNOWN_KEYS: dict[str, frozenset[str]] = {
+    "app": frozenset(_APP),
+    "server": frozenset(_SERVER),
+    "store": frozenset(_STORE),
+    "jobs": frozenset(_JOB),
+    "webhooks": frozenset(_WEBHOOK),
+}
 
 
 def _build(raw: dict[str, Any], overrides: dict[str, Any], source: Path | None, cwd: Path) -> Settings:

@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from receiver import Answer, Receiver
 
-from runtime.config import ConfigError, load_settings
+from runtime.config import KNOWN_KEYS, ConfigError, load_settings
 from runtime.control import ControlError, request, socket_path
 from runtime.store import Store
 
@@ -474,35 +474,9 @@ def test_kill_9_primary_under_load_loses_no_slot_and_no_event(start_cluster, tmp
 
 # ---------------------------------------------------------------------------- 3. config fuzzing
 
-APP_KEYS = ("target", "interface", "before_start")
-SERVER_KEYS = (
-    "bind",
-    "workers",
-    "graceful_timeout",
-    "timeout",
-    "health_path",
-    "max_requests",
-    "max_requests_jitter",
-    "max_memory_mb",
-    "reload_batch",
-    "ready_timeout",
-    "keepalive_timeout",
+APP_KEYS, SERVER_KEYS, STORE_KEYS, JOB_KEYS, WEBHOOK_KEYS = (
+    tuple(sorted(KNOWN_KEYS[section])) for section in ("app", "server", "store", "jobs", "webhooks")
 )
-STORE_KEYS = ("path", "keep_runs", "keep_days")
-JOB_KEYS = (
-    "name",
-    "schedule",
-    "timezone",
-    "command",
-    "call",
-    "http",
-    "timeout",
-    "overlap",
-    "catch_up",
-    "retries",
-    "jitter",
-)
-WEBHOOK_KEYS = ("name", "url", "events", "secret", "max_attempts", "timeout", "concurrency", "retry_base")
 
 # Values a key accepts, and values that are nearly right for it: a fuzzing dictionary, so that documents get
 # past the first check and the faults land everywhere in the loader, not only in its first section.

@@ -8,12 +8,9 @@ import json
 import os
 from urllib.parse import parse_qs
 
+from asgi_app import _send
+
 from runtime import emit
-
-
-async def _send(send, status, body):
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def app(scope, receive, send):
