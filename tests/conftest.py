@@ -228,9 +228,12 @@ def pid_alive(pid: int) -> bool:
 
 
 def port_free(port: int) -> bool:
+    """Another server could listen here now (SO_REUSEADDR, as servers do: TIME_WAIT is no owner)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
+            s.listen(1)
         except OSError:
             return False
     return True

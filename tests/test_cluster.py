@@ -250,10 +250,13 @@ def test_status_reports_rates_and_latency_under_load(start_cluster):
     from conftest import Load
 
     cluster = start_cluster(workers=2)
+    def measured():
+        s = cluster.status()
+        sampled = all(w["rss_bytes"] for w in s["workers"])  # psutil samples once a second
+        return s["totals"]["requests_per_second"] > 50 and sampled and s
+
     with Load(cluster.port, clients=4):
-        status = wait_for(
-            lambda: (s := cluster.status())["totals"]["requests_per_second"] > 50 and s, 10, "a request rate"
-        )
+        status = wait_for(measured, 10, "a request rate and sampled memory")
     assert status["totals"]["p99_ms"] > 0
     assert all(w["rss_bytes"] > 10_000_000 for w in status["workers"])
     assert any(w["requests_per_second"] > 0 for w in status["workers"])

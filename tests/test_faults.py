@@ -38,7 +38,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import APPS, Cluster, Load, free_port, get, pid_alive, wait_for
+from conftest import APPS, Cluster, Load, free_port, get, pid_alive, port_free, wait_for
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from receiver import Answer, Receiver
@@ -120,18 +120,6 @@ def all_ready(cluster: Cluster, count: int) -> list[dict[str, Any]] | None:
     workers = control(cluster)["workers"]
     ready = [w for w in workers if w["state"] == "ready"]
     return ready if len(ready) == count == len(workers) else None
-
-
-def port_released(port: int) -> bool:
-    """A new server could listen on the port (SO_REUSEADDR, as servers bind: TIME_WAIT left by load is fine)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            s.listen()
-        except OSError:
-            return False
-    return True
 
 
 def sh(script: str) -> list[str]:
@@ -401,7 +389,7 @@ def test_kill_9_primary_under_load_loses_no_slot_and_no_event(start_cluster, tmp
                 survivors = workers | family | jobs
 
                 def all_gone() -> bool:
-                    return not any(pid_alive(pid) for pid in survivors) and port_released(cluster.port)
+                    return not any(pid_alive(pid) for pid in survivors) and port_free(cluster.port)
 
                 wait_for(all_gone, 1.0, "every worker and job process gone and the port free", interval=0.01)
                 elapsed = time.monotonic() - killed_at
@@ -795,7 +783,7 @@ def test_a_read_only_store_directory_is_refused_at_start(tmp_path: Path, immutab
     assert "Traceback" not in output, output
     errors = [line for line in stderr.splitlines() if line.startswith("clusterctl-tui: error:")]
     assert len(errors) == 1 and str(store_dir / "state.db") in errors[0], output
-    assert port_released(port)
+    assert port_free(port)
     assert not _processes_of(proc.pid), "a worker outlived the primary that refused to start"
 
 
