@@ -23,7 +23,6 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
