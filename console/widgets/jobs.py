@@ -12,6 +12,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
 from ..format import status, styled, until
+from . import add_columns
 
 STATUS_FILTERS = (None, "failed", "succeeded", "skipped", "timed_out", "running")
 
@@ -38,25 +39,29 @@ class JobsView(Vertical):
 
     def on_mount(self) -> None:
         jobs = self.query_one("#jobs-table", DataTable)
-        for key, label, width in (
-            ("name", "JOB", 16),
-            ("schedule", "SCHEDULE", 15),
-            ("next", "NEXT RUN", 12),
-            ("last", "LAST", 10),
-            ("state", "STATE", 9),
-        ):
-            jobs.add_column(label, key=key, width=width)
+        add_columns(
+            jobs,
+            (
+                ("name", "JOB", 16),
+                ("schedule", "SCHEDULE", 15),
+                ("next", "NEXT RUN", 12),
+                ("last", "LAST", 10),
+                ("state", "STATE", 9),
+            ),
+        )
         runs = self.query_one("#runs-table", DataTable)
-        for key, label, width in (
-            ("id", "RUN", 5),
-            ("job", "JOB", 14),
-            ("slot", "SCHEDULED (UTC)", 19),
-            ("trigger", "TRIGGER", 8),
-            ("status", "STATUS", 10),
-            ("exit", "EXIT", 4),
-            ("try", "TRY", 3),
-        ):
-            runs.add_column(label, key=key, width=width)
+        add_columns(
+            runs,
+            (
+                ("id", "RUN", 5),
+                ("job", "JOB", 14),
+                ("slot", "SCHEDULED (UTC)", 19),
+                ("trigger", "TRIGGER", 8),
+                ("status", "STATUS", 10),
+                ("exit", "EXIT", 4),
+                ("try", "TRY", 3),
+            ),
+        )
 
     def selected_job(self) -> str | None:
         table = self.query_one("#jobs-table", DataTable)

@@ -11,6 +11,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
 from ..format import status, styled
+from . import add_columns
 
 
 class WebhooksView(Vertical):
@@ -28,27 +29,31 @@ class WebhooksView(Vertical):
 
     def on_mount(self) -> None:
         endpoints = self.query_one("#endpoints-table", DataTable)
-        for key, label, width in (
-            ("name", "ENDPOINT", 12),
-            ("state", "STATE", 8),
-            ("ok", "OK %", 5),
-            ("queue", "QUEUE", 5),
-            ("flight", "SENDING", 7),
-            ("dead", "DEAD", 4),
-            ("url", "URL", 28),
-        ):
-            endpoints.add_column(label, key=key, width=width)
+        add_columns(
+            endpoints,
+            (
+                ("name", "ENDPOINT", 12),
+                ("state", "STATE", 8),
+                ("ok", "OK %", 5),
+                ("queue", "QUEUE", 5),
+                ("flight", "SENDING", 7),
+                ("dead", "DEAD", 4),
+                ("url", "URL", 28),
+            ),
+        )
         deliveries = self.query_one("#deliveries-table", DataTable)
-        for key, label, width in (
-            ("id", "ID", 5),
-            ("endpoint", "ENDPOINT", 10),
-            ("type", "EVENT", 20),
-            ("status", "STATUS", 9),
-            ("tries", "TRY", 3),
-            ("code", "CODE", 4),
-            ("error", "LAST ERROR", 18),
-        ):
-            deliveries.add_column(label, key=key, width=width)
+        add_columns(
+            deliveries,
+            (
+                ("id", "ID", 5),
+                ("endpoint", "ENDPOINT", 10),
+                ("type", "EVENT", 20),
+                ("status", "STATUS", 9),
+                ("tries", "TRY", 3),
+                ("code", "CODE", 4),
+                ("error", "LAST ERROR", 18),
+            ),
+        )
 
     def apply(
         self, endpoints: tuple[dict[str, Any], ...], queues: dict[str, dict[str, int]], deliveries: list[dict[str, Any]]

@@ -13,6 +13,7 @@ from textual.widgets import DataTable, ProgressBar, Sparkline, Static
 from runtime import ClusterSnapshot, WorkerSnapshot
 
 from ..format import duration, number, size, spark, state, styled
+from . import add_columns
 
 WIDE = 100  # columns at and above which the table shows p50 and the trend
 WIDER = 140  # ... and a longer trend
@@ -131,8 +132,7 @@ class WorkersView(Vertical):
         with self.app.batch_update():
             if (wide, trend) != self._layout:
                 table.clear(columns=True)
-                for key, label, width in columns:
-                    table.add_column(label, key=key, width=width)
+                add_columns(table, columns)
                 self._layout, self._keys, self._shown = (wide, trend), [], {}
             if keys != self._keys:
                 selected = self._keys[table.cursor_row] if 0 <= table.cursor_row < len(self._keys) else None
