@@ -29,8 +29,13 @@ class StoreError(Exception):
     """The store cannot be opened or written; the message names the path and why."""
 
 
+def iso_at(timestamp: float) -> str:
+    """ISO-8601 UTC with milliseconds and a Z, the one format every stored time uses (so strings sort)."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_at(time.time())
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -43,8 +48,11 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    """`clock` (seconds since the epoch) stamps and ages every row, so tests can pin "now"."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = path
+        self.clock = clock
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = connect(path)
@@ -54,6 +62,15 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    def _now(self) -> str:
+        return iso_at(self.clock())
+
+    def _iso_in(self, seconds: float) -> str:
+        return iso_at(self.clock() + seconds)
+
+    def _iso_days_ago(self, days: float) -> str:
+        return iso_at(self.clock() - days * 86400)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -165,7 +182,7 @@ class Store:
         self.conn.execute(
             "INSERT INTO worker_events (ts, worker_id, pid, event, exit_code, reason, primary_pid)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (utc_now_iso(), worker_id, pid, event, exit_code, reason, primary_pid),
+            (self._now(), worker_id, pid, event, exit_code, reason, primary_pid),
         )
 
     def worker_events(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -177,7 +194,7 @@ class Store:
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def prune_worker_events(self, keep: int = 10_000, keep_days: float = 30.0) -> None:
-        cutoff = _iso_days_ago(keep_days)
+        cutoff = self._iso_days_ago(keep_days)
         self.conn.execute(
             "DELETE FROM worker_events WHERE ts < ? OR id <= (SELECT MAX(id) FROM worker_events) - ?",
             (cutoff, keep),
@@ -194,7 +211,7 @@ class Store:
         "skip" and a run of the job is still going (on any primary), or ("lost", None, []) when
         another primary claimed the slot first. `running_ids` are the runs a "replace" must end.
         """
-        now = utc_now_iso()
+        now = self._now()
         with self.transaction():
             running = [
                 row[0]
@@ -230,7 +247,7 @@ class Store:
 
     def record_skipped(self, job: str, scheduled_for: str, trigger: str, reason: str, primary_pid: int) -> bool:
         """A slot that will not run, and why; False if the slot already has a row."""
-        now = utc_now_iso()
+        now = self._now()
         try:
             self.conn.execute(
                 "INSERT INTO job_runs (job, scheduled_for, trigger, started_at, finished_at, status, output, attempt,"
@@ -248,7 +265,7 @@ class Store:
         self.conn.execute(
             "INSERT INTO job_state (job, paused, last_slot, updated_at) VALUES (?, 0, ?, ?)"
             " ON CONFLICT(job) DO UPDATE SET last_slot = MAX(COALESCE(last_slot, ''), excluded.last_slot)",
-            (job, scheduled_for, utc_now_iso()),
+            (job, scheduled_for, self._now()),
         )
 
     def last_slot(self, job: str) -> str | None:
@@ -263,7 +280,7 @@ class Store:
     def finish_attempt(
         self, run_id: int, attempt: int, started_at: str, status: str, exit_code: int | None, output: str, final: bool
     ) -> None:
-        now = utc_now_iso()
+        now = self._now()
         with self.transaction():
             self.conn.execute(
                 "INSERT INTO job_attempts (run_id, attempt, started_at, finished_at, status, exit_code, output)"
@@ -283,7 +300,7 @@ class Store:
             self.conn.execute(
                 "UPDATE job_runs SET status = 'abandoned', finished_at = ?, output = COALESCE(output, '') || ?"
                 " WHERE id = ?",
-                (utc_now_iso(), reason, run_id),
+                (self._now(), reason, run_id),
             )
         return dead
 
@@ -291,7 +308,7 @@ class Store:
         self.conn.execute(
             "INSERT INTO job_state (job, paused, updated_at) VALUES (?, ?, ?)"
             " ON CONFLICT(job) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at",
-            (job, int(paused), utc_now_iso()),
+            (job, int(paused), self._now()),
         )
 
     def paused_jobs(self) -> set[str]:
@@ -321,7 +338,7 @@ class Store:
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def prune_job_runs(self, keep_runs: int, keep_days: float) -> int:
-        cutoff = _iso_days_ago(keep_days)
+        cutoff = self._iso_days_ago(keep_days)
         with self.transaction():
             cursor = self.conn.execute(
                 "DELETE FROM job_runs WHERE status != 'running' AND (scheduled_for < ? OR id IN ("
@@ -403,7 +420,7 @@ class Store:
 
     def emit(self, event_id: str, kind: str, payload: str, endpoints: list[str]) -> None:
         """The event and one pending delivery per matching endpoint, in one transaction."""
-        now = utc_now_iso()
+        now = self._now()
         with self.transaction():
             self.conn.execute(
                 "INSERT INTO webhook_events (id, type, payload, created_at) VALUES (?, ?, ?, ?)",
@@ -417,8 +434,8 @@ class Store:
 
     def lease_deliveries(self, endpoint: str, owner: int, limit: int, lease_seconds: float) -> list[dict[str, Any]]:
         """Take up to `limit` due deliveries of one endpoint for `owner` (a primary's pid) for a while."""
-        now = utc_now_iso()
-        until = _iso_in(lease_seconds)
+        now = self._now()
+        until = self._iso_in(lease_seconds)
         with self.transaction():
             rows = self.conn.execute(
                 "SELECT d.id, d.event_id, d.attempt, e.type, e.payload, e.created_at FROM webhook_deliveries d"
@@ -461,7 +478,7 @@ class Store:
         error: str | None,
         next_attempt_in: float | None,
     ) -> None:
-        now = utc_now_iso()
+        now = self._now()
         self.conn.execute(
             "UPDATE webhook_deliveries SET attempt = ?, status = ?, response_code = ?, last_error = ?,"
             " next_attempt_at = ?, delivered_at = ?, leased_by = NULL, lease_until = NULL WHERE id = ?",
@@ -470,7 +487,7 @@ class Store:
                 status,
                 response_code,
                 error,
-                _iso_in(next_attempt_in) if next_attempt_in is not None else None,
+                self._iso_in(next_attempt_in) if next_attempt_in is not None else None,
                 now if status == "delivered" else None,
                 delivery_id,
             ),
@@ -501,7 +518,7 @@ class Store:
         if until:
             clauses.append("e.created_at <= ?")
             params.append(until)
-        now = utc_now_iso()
+        now = self._now()
         created = []
         with self.transaction():
             rows = self.conn.execute(
@@ -530,7 +547,7 @@ class Store:
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def prune_webhooks(self, keep_days: float, keep_deliveries: int = 100_000) -> None:
-        cutoff = _iso_days_ago(keep_days)
+        cutoff = self._iso_days_ago(keep_days)
         with self.transaction():
             self.conn.execute(
                 "DELETE FROM webhook_deliveries WHERE status IN ('delivered', 'dead') AND (created_at < ?"
@@ -571,18 +588,6 @@ class AsyncStore:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self.store.close()
-
-
-def _iso_in(seconds: float) -> str:
-    return datetime.fromtimestamp(time.time() + seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _iso_days_ago(days: float) -> str:
-    return (
-        datetime.fromtimestamp(time.time() - days * 86400, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
 
 
 def _reason(exc: BaseException) -> str:

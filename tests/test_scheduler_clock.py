@@ -39,7 +39,7 @@ def run_catch_up(tmp_path, catch_up: str, down_for: timedelta, paused: bool = Fa
     events = EventBus()
 
     async def scenario():
-        async_store = AsyncStore(Store(db))
+        async_store = AsyncStore(Store(db, clock=NOW.timestamp))
         scheduler = Scheduler(
             (job,), async_store, events, {"CLUSTERCTL_PRIMARY_PID": str(os.getpid())}, os.getpid(), now=lambda: NOW
         )
@@ -93,7 +93,7 @@ def test_a_slot_is_claimed_once_across_stores(tmp_path):
 
 
 def test_retention_keeps_the_newest_runs_per_job(tmp_path):
-    store = Store(tmp_path / "state.db")
+    store = Store(tmp_path / "state.db", clock=NOW.timestamp)
     for i in range(30):
         for job in ("a", "b"):
             _, run_id, _ = store.claim_slot(job, to_iso(NOW + timedelta(seconds=i)), "schedule", 1)
@@ -107,3 +107,7 @@ def test_retention_keeps_the_newest_runs_per_job(tmp_path):
     store.prune_job_runs(keep_runs=100, keep_days=1)
     assert store.conn.execute("SELECT COUNT(*) FROM job_runs WHERE scheduled_for < '2001'").fetchone()[0] == 0
     assert store.conn.execute("SELECT COUNT(*) FROM job_runs").fetchone()[0] == 19
+    # A day later by the store's clock, every run is past keep_days: the date of the test run never matters.
+    store.clock = (NOW + timedelta(days=2)).timestamp
+    store.prune_job_runs(keep_runs=100, keep_days=1)
+    assert store.conn.execute("SELECT COUNT(*) FROM job_runs").fetchone()[0] == 0
