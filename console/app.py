@@ -69,6 +69,7 @@ class Backend(Protocol):
 
     settings: Settings
     events: EventBus
+    running: bool
 
     async def start(self) -> None: ...
     async def wait(self) -> None: ...
@@ -157,6 +158,9 @@ class ClusterConsole(App[int]):
         except StartupError as exc:
             self.error = str(exc)
             self.exit(2)
+            return
+        if not self.backend.running:  # told to stop while starting: already drained
+            self.exit(0)
             return
         self._attach()
         await self.backend.wait()

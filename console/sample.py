@@ -211,6 +211,7 @@ class SampleBackend:
         self.events = EventBus()
         self.actions: list[tuple[Any, ...]] = []
         self.desired = 8
+        self.running = True
         for offset, (kind, message, worker_id, pid) in enumerate(EVENTS):
             self.events.recent.append(Event(kind, message, worker_id, pid, {}, T0 - 600 + offset * 37))
 

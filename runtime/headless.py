@@ -27,6 +27,8 @@ async def run_headless(settings: Settings) -> int:
     except StartupError as exc:
         print(f"clusterctl-tui: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if not primary.running:  # told to stop while starting: already drained
+        return 0
     control = socket_path(settings.store.path, primary.pid)
     print(f"clusterctl-tui: control socket {control}", file=sys.stderr, flush=True)
     await primary.wait()

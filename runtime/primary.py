@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,17 +20,17 @@ from typing import Any
 
 import psutil
 
-from .config import Settings
+from .config import MAX_WORKERS, Settings
 from .control import ControlError, ControlServer, socket_path
 from .events import EventBus
 from .listeners import BindError, Listener, bind
 from .logs import LogLine, WorkerLogs
 from .metrics import HISTORY, percentile
-from .outbox import SecretError
+from .outbox import SecretError, resolve_secret
 from .scheduler import Scheduler
 from .snapshot import ClusterSnapshot
 from .store import AsyncStore, Store, StoreError, utc_now_iso
-from .supervisor import BootError, ReloadFailed, Supervisor
+from .supervisor import BootError, ReloadFailed, ReloadInterrupted, Supervisor
 from .webhooks import WebhookRunner
 
 HOUSEKEEPING_INTERVAL = 1.0
@@ -64,40 +65,60 @@ class Primary:
         self._stop_requested: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._signals: list[int] = []
+        self.running = False  # started, and not yet stopping
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Open the store, bind, run before_start, start the workers. StartupError leaves nothing running."""
+        """Bind, open the store, run before_start, start the workers. StartupError leaves nothing running.
+
+        A stop asked for while starting (SIGTERM during a slow app import) ends the start-up and
+        drains what was started; `start()` then returns and `wait()` returns at once.
+        """
         self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
+        # First of all: a HUP or TERM at any moment of start-up is ours to handle, never a kill.
+        self._install_signals()
+        starting = asyncio.ensure_future(self._start())
+        stop = asyncio.ensure_future(self._stop_requested.wait())
         try:
-            await self._start()
+            await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                await asyncio.wait({starting})
+                self.events.publish("cluster.stopping", "stop requested during start-up")
+                await self._close()
+                return
+            starting.result()
         except BaseException:
+            starting.cancel()
             await self._close()
             raise
+        finally:
+            stop.cancel()
         self.started_at = utc_now_iso()
+        self.running = True
 
     async def _start(self) -> None:
         settings = self.settings
         store_path = settings.store.path
         try:
+            for hook in settings.webhooks:
+                resolve_secret(hook.secret, hook.name)
+            self.listener = bind(settings.server.bind)
+        except (SecretError, BindError) as exc:
+            raise StartupError(str(exc)) from None
+        # Only now, with the port ours, may this primary touch state it shares with others on the store.
+        try:
             self.store = AsyncStore(Store(store_path))
         except StoreError as exc:
             raise StartupError(str(exc)) from None
-        try:
-            self.webhooks = WebhookRunner(settings.webhooks, self.store, self.events, self.pid)
-        except SecretError as exc:
-            raise StartupError(str(exc)) from None
-        await self.webhooks.start()
+        self.webhooks = WebhookRunner(settings.webhooks, self.store, self.events, self.pid)
+        _withhold_secrets(settings)
         try:
             self.logs = WorkerLogs(store_path.parent / "logs")
         except OSError as exc:
             raise StartupError(f"cannot write logs beside the store: {exc.strerror or exc}") from None
-        try:
-            self.listener = bind(settings.server.bind)
-        except BindError as exc:
-            raise StartupError(str(exc)) from None
         self.control = ControlServer(socket_path(store_path, self.pid), self._handle)
         try:
             await self.control.start()
@@ -109,9 +130,9 @@ class Primary:
             await self.supervisor.start()
         except BootError as exc:
             raise StartupError(f"app {settings.app.target!r} did not start: {exc}") from None
+        await self.webhooks.start()
         self.scheduler = Scheduler(settings.jobs, self.store, self.events, self.primary_env(), self.pid)
         await self.scheduler.start()
-        self._install_signals()
         self._spawn(self._housekeeping())
         self.events.publish(
             "cluster.started",
@@ -132,7 +153,9 @@ class Primary:
         assert self._stopped is not None
         if self._stopped.is_set():
             return
-        self.events.publish("cluster.stopping", "stopping: draining all workers")
+        self.running = False
+        if self.supervisor is not None and self.supervisor.slots:
+            self.events.publish("cluster.stopping", "stopping: draining all workers")
         for sig in self._signals:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_signal_handler(sig)
@@ -156,10 +179,15 @@ class Primary:
         self.events.publish("cluster.stopped", "stopped")
 
     async def _before_start(self) -> None:
-        argv = self.settings.app.before_start
+        argv = list(self.settings.app.before_start)
         if not argv:
             return
-        env = {**os.environ, **self.primary_env()}
+        # Run as the workers run: "python" is the interpreter that serves the app (the venv's, even
+        # when no venv is activated), and the venv's scripts (django-admin, alembic) come first on PATH.
+        if argv[0] in ("python", "python3"):
+            argv[0] = sys.executable
+        bindir = os.path.dirname(sys.executable)
+        env = {**os.environ, **self.primary_env(), "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")])}
         self.events.publish("cluster.before_start", f"running before_start: {' '.join(argv)}")
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -186,6 +214,10 @@ class Primary:
             self.events.publish("cluster.hangup", "the console's terminal went away: stopping")
             self.request_stop()
             return
+        if not self.running:
+            # The workers being started already run the current code: nothing to reload.
+            self.events.publish("cluster.hangup", "SIGHUP during start-up or shutdown: ignored")
+            return
         self._spawn(self._reload_quietly())
 
     def primary_env(self) -> dict[str, str]:
@@ -200,8 +232,8 @@ class Primary:
         loop = asyncio.get_running_loop()
         handlers = {
             signal.SIGHUP: self._on_hangup,
-            signal.SIGTTIN: lambda: self.scale_by(1),
-            signal.SIGTTOU: lambda: self.scale_by(-1) if self.desired_workers > 1 else None,
+            signal.SIGTTIN: lambda: self.scale_by(1) if self.running and self.desired_workers < MAX_WORKERS else None,
+            signal.SIGTTOU: lambda: self.scale_by(-1) if self.running and self.desired_workers > 1 else None,
             signal.SIGTERM: self.request_stop,
             signal.SIGINT: self.request_stop,
         }
@@ -230,9 +262,14 @@ class Primary:
         return self.supervisor.kill(worker_id)
 
     async def reload(self) -> int:
-        """Rolling restart; returns the new generation, raises ReloadFailed if it rolled back."""
+        """Rolling restart; returns the new generation, raises ReloadFailed if it rolled back
+        (ReloadInterrupted if the cluster began to stop meanwhile)."""
         assert self.supervisor is not None
-        await self.supervisor.reload()
+        task = self.supervisor.reload()
+        await asyncio.wait({task})  # not `await task`: its cancellation by a stop is not ours
+        if task.cancelled():
+            raise ReloadInterrupted("the cluster is stopping")
+        task.result()
         return self.supervisor.generation
 
     async def run_job(self, name: str) -> int:
@@ -345,15 +382,17 @@ class Primary:
         if cmd == "scale":
             try:
                 if "delta" in args:
-                    count = self.scale_by(int(args["delta"]))
+                    count = self.scale_by(_whole(args["delta"]))
                 else:
-                    count = self.scale(int(args["count"]))
+                    count = self.scale(_whole(args["count"]))
             except ValueError as exc:
                 raise ControlError(str(exc)) from None
             return {"desired_workers": count}
         if cmd == "reload":
             try:
                 generation = await self.reload()
+            except ReloadInterrupted:
+                raise ControlError("reload interrupted: the cluster is stopping") from None
             except ReloadFailed as exc:
                 raise ControlError(f"reload rolled back: {exc}") from None
             return {"generation": generation}
@@ -384,6 +423,21 @@ class Primary:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _whole(value: Any) -> int:
+    """A worker count from the wire: an int, never a float, bool, string or infinity."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number of workers, got {value!r}")
+    return value
+
+
+def _withhold_secrets(settings: Settings) -> None:
+    """Drop `env:` webhook secrets from our environment once resolved: workers, jobs and before_start
+    inherit it, and app code (or a job that runs `env`) has no business with them."""
+    for hook in settings.webhooks:
+        if hook.secret.startswith("env:"):
+            os.environ.pop(hook.secret[4:], None)
 
 
 def _have_terminal() -> bool:

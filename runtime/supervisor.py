@@ -33,20 +33,18 @@ import psutil
 from . import balance
 from .balance import ConnectionBoard
 from .channel import EXIT_BOOT_ERROR, SPEC_ENV, health_socket_name
-from .config import Settings
+from .config import MAX_WORKERS, Settings
 from .events import EventBus
 from .listeners import Listener
 from .logs import LogLine, WorkerLogs
 from .metrics import WorkerStats, merge, percentile
+from .restarts import RestartPolicy
 from .snapshot import ReloadSnapshot, WorkerSnapshot
 
 TICK = 0.25  # seconds between checks for hung workers and expired back-offs
 KILL_GRACE = 2.0  # after SIGABRT (or the drain deadline), SIGKILL
-STABLE_AFTER = 10.0  # a worker ready this long resets its slot's crash count
-OUTSIDE_KILLS_TOLERATED = 5  # SIGKILLs from outside within STABLE_AFTER before they count as a crash loop
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
 HEARTBEAT_INTERVAL_MAX = 1.0
+STALL = 1.0  # a tick this late means the primary itself was stalled (SIGSTOP, swap, a blocked loop)
 
 
 class BootError(Exception):
@@ -55,6 +53,10 @@ class BootError(Exception):
 
 class ReloadFailed(Exception):
     pass
+
+
+class ReloadInterrupted(ReloadFailed):
+    """The rolling restart was cut short because the cluster began to stop."""
 
 
 @dataclass(eq=False)
@@ -102,11 +104,13 @@ class Slot:
     id: int
     current: WorkerProc | None = None
     incoming: WorkerProc | None = None
-    failures: int = 0
-    backoff_until: float = 0.0
     restarts: int = 0
     last_exit: str | None = None
-    deaths: list[float] = field(default_factory=list)  # monotonic times, within STABLE_AFTER
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+
+    @property
+    def backoff_until(self) -> float:
+        return self.policy.backoff_until
 
 
 @dataclass
@@ -144,6 +148,8 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._psutil: dict[int, psutil.Process] = {}
         self.heartbeat_interval = min(HEARTBEAT_INTERVAL_MAX, self.server.timeout / 4)
+        self._last_check = time.monotonic()
+        self._judge_after = 0.0
         self.board = ConnectionBoard.create()
 
     # ------------------------------------------------------------------ public actions
@@ -164,6 +170,8 @@ class Supervisor:
     def set_desired(self, count: int) -> int:
         if count < 1:
             raise ValueError("the cluster needs at least 1 worker")
+        if count > MAX_WORKERS:
+            raise ValueError(f"at most {MAX_WORKERS} workers (asked for {count})")
         before, self.desired = self.desired, count
         if count != before:
             self.events.publish("cluster.scaled", f"scaled from {before} to {count} workers", old=before, new=count)
@@ -326,6 +334,8 @@ class Supervisor:
             assert stream is not None
             self._watch_output(worker, stream.fileno(), name)
         self._spawn_task(self._channel(worker, ours))
+        if slot_id in self.slots:
+            self.slots[slot_id].policy.spawned()
         self.record(slot_id, proc.pid, "spawned", None, f"generation {generation}")
         self.events.publish(
             "worker.spawned", f"spawned (generation {generation})", slot_id, proc.pid, generation=generation
@@ -471,6 +481,12 @@ class Supervisor:
         self._maybe_recycle(now)
 
     def _check_liveness(self, now: float) -> None:
+        if now - self._last_check > STALL:
+            # We were not running: the heartbeats workers sent meanwhile sit unread in their
+            # channels. Judge no one until those have been read.
+            self._judge_after = now + 2 * self.heartbeat_interval
+        self._last_check = now
+        hang_checks = now >= self._judge_after
         for worker in self._all_workers():
             if not worker.alive:
                 continue
@@ -481,6 +497,8 @@ class Supervisor:
             if worker.drain_deadline is not None:
                 if now > worker.drain_deadline:
                     self._kill(worker, f"still draining after {self.server.graceful_timeout:g}s", signal.SIGKILL)
+                continue
+            if not hang_checks:
                 continue
             limit = self.server.timeout if worker.heard else max(self.server.timeout, self.server.ready_timeout)
             if now - worker.last_seen > limit:
@@ -550,7 +568,6 @@ class Supervisor:
             worker.proc.send_signal(sig)
 
     def _on_exit(self, worker: WorkerProc, code: int) -> None:
-        now = time.monotonic()
         slot = self.slots.get(worker.slot)
         self.draining.discard(worker)
         if slot is not None:
@@ -584,20 +601,19 @@ class Supervisor:
             if slot is not None and not self.stopping:
                 slot.restarts += 1
                 slot.last_exit = reason
-                slot.deaths = [t for t in slot.deaths if now - t < STABLE_AFTER] + [now]
-                stable = worker.ready_at is not None and now - worker.ready_at >= STABLE_AFTER
-                # A SIGKILL from outside (an operator, the OOM killer, chaos) says nothing about the
-                # app: replace it at once, unless it keeps happening.
-                killed_from_outside = code == -signal.SIGKILL and worker.kill_reason in (None, "killed by operator")
-                if killed_from_outside and len(slot.deaths) <= OUTSIDE_KILLS_TOLERATED:
-                    stable = True
-                slot.failures = 0 if stable else slot.failures + 1
-                # One early death may be bad luck (an operator's kill, the OOM killer): replace it at
-                # once. A second in a row, or an app that cannot even load, is a crash loop: back off.
-                if code == EXIT_BOOT_ERROR or slot.failures > 1:
-                    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, slot.failures - 2))
-                    slot.backoff_until = now + delay
+                slot.policy.died(
+                    code,
+                    killed_by_us=worker.kill_reason not in (None, "killed by operator"),
+                    ready_at=worker.ready_at,
+                    boot_error=code == EXIT_BOOT_ERROR,
+                )
+        self._end_group(worker)
         self.wake()
+
+    def _end_group(self, worker: WorkerProc) -> None:
+        """Whatever the worker forked dies with it: a grandchild must not keep the port (or run on)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(worker.pid, signal.SIGKILL)
 
     async def _abort_all(self) -> None:
         workers = self._all_workers()

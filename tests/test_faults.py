@@ -973,3 +973,168 @@ def test_a_worker_scaled_down_while_starting_exits_promptly(start_cluster, tmp_p
     assert starting["state"] == "starting", starting
     control(cluster, "scale", {"count": 1})
     wait_for(lambda: not pid_alive(starting["pid"]), 3, f"worker {starting['pid']} to exit after the scale-down")
+
+
+# ---------------------------------------------------------------------------- 6. a hostile tester's findings
+
+
+def endpoints(db: Path) -> dict[str, int]:
+    conn = sqlite3.connect(db)
+    try:
+        return dict(conn.execute("SELECT name, enabled FROM webhook_endpoints").fetchall())
+    finally:
+        conn.close()
+
+
+def test_a_refused_second_up_touches_nothing_the_running_primary_shares(start_cluster, tmp_path: Path) -> None:
+    config = hook_toml("ops", "http://127.0.0.1:9/hook")
+    cluster = start_cluster(app="emit_app:app", config=config, env={"TEST_HOOK_SECRET": SECRET})
+    wait_for(lambda: endpoints(cluster.db) == {"ops": 1}, 10, "the endpoint published")
+    elsewhere = tmp_path / "no-config-here"
+    elsewhere.mkdir()
+    # The mistake: the same port and store, from a directory with no config (so the demo webhook).
+    second = subprocess.run(
+        [sys.executable, "-m", "runtime", "up", "--headless", "--bind", f"127.0.0.1:{cluster.port}"]
+        + ["--db", str(cluster.db)],
+        cwd=elsewhere,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2, second.stderr
+    assert "address already in use" in second.stderr.lower() or "in use" in second.stderr, second.stderr
+    assert endpoints(cluster.db) == {"ops": 1}
+    status, body = get(cluster.port, "/emit?type=app.after")
+    assert status == 200
+    event_id = json.loads(body)["ids"][0]
+    conn = sqlite3.connect(cluster.db)
+    try:
+        targets = conn.execute("SELECT endpoint FROM webhook_deliveries WHERE event_id = ?", (event_id,)).fetchall()
+    finally:
+        conn.close()
+    assert targets == [("ops",)]
+
+
+def test_before_start_python_is_the_workers_interpreter(start_cluster, tmp_path: Path) -> None:
+    marker = tmp_path / "before_start.txt"
+    script = f"import sys; open({str(marker)!r}, 'w').write(sys.executable)"
+    config = f"[app]\nbefore_start = {json.dumps(['python', '-c', script])}\n"
+    # No venv on PATH, as under systemd or a bare ssh session: `python` must still be ours.
+    start_cluster(config=config, env={"PATH": "/nonexistent"})
+    assert marker.read_text() == sys.executable
+
+
+def test_a_failed_before_start_says_so_and_no_more(start_cluster) -> None:
+    config = f"[app]\nbefore_start = {json.dumps(['python', '-c', 'raise SystemExit(4)'])}\n"
+    cluster = start_cluster(config=config, wait=False)
+    assert cluster.proc.wait(30) == 2
+    output = cluster.output()
+    assert "failed with exit code 4" in output and "no worker started" in output
+    assert "draining" not in output
+
+
+def test_a_stalled_primary_kills_no_healthy_worker(start_cluster) -> None:
+    cluster = start_cluster(config="[server]\ntimeout = 2\n")
+    before = {w["pid"] for w in cluster.wait_ready(2)}
+    os.kill(cluster.proc.pid, signal.SIGSTOP)
+    try:
+        # A stall longer than `timeout`, measured, not slept through for synchronisation.
+        wait_for(lambda: psutil.Process(cluster.proc.pid).status() == psutil.STATUS_STOPPED, 5, "the stop")
+        stalled_at = time.monotonic()
+        wait_for(lambda: time.monotonic() - stalled_at > 4, 10, "a stall twice the heartbeat timeout", interval=0.2)
+    finally:
+        os.kill(cluster.proc.pid, signal.SIGCONT)
+    # Long enough after the stall for a wrongful hang-kill to have happened and shown up.
+    resumed = time.monotonic()
+    wait_for(lambda: time.monotonic() - resumed > 3 and cluster.status(), 10, "3 s of supervision after the stall")
+    assert {w["pid"] for w in cluster.wait_ready(2)} == before
+    assert not [e for e in cluster.worker_events() if e["event"] in ("killed", "crashed")]
+
+
+def test_env_secrets_reach_no_worker_and_no_job(start_cluster) -> None:
+    secret_name = "TEST_HOOK_SECRET"
+    config = hook_toml("ops", "http://127.0.0.1:9/hook") + job_toml("printenv", "* * * * *", ["env"])
+    cluster = start_cluster(config=config, env={secret_name: SECRET})
+    for worker in cluster.wait_ready(2):
+        assert secret_name not in psutil.Process(worker["pid"]).environ()
+    status, body = get(cluster.port, "/env")
+    assert status == 200 and SECRET not in body.decode()
+    assert cluster.cli("run-job", "printenv", "--wait").returncode == 0
+    (run,) = job_runs(cluster.db, "printenv")
+    assert "CLUSTERCTL_JOB=printenv" in run["output"]  # the job did print its environment
+    assert SECRET not in run["output"] and secret_name not in run["output"]
+
+
+@pytest.mark.parametrize("count", [10_000, 1e9, float("inf"), "3", True])
+def test_scale_over_the_control_socket_is_bounded(start_cluster, count: Any) -> None:
+    cluster = start_cluster(workers=1)
+    with pytest.raises(ControlError):
+        request(socket_path(cluster.db, cluster.proc.pid), "scale", {"count": count}, timeout=5)
+    with pytest.raises(ControlError, match="at most 256"):
+        request(socket_path(cluster.db, cluster.proc.pid), "scale", {"delta": 300}, timeout=5)
+    assert control(cluster)["desired_workers"] == 1
+
+
+def test_a_workers_grandchildren_end_with_it(start_cluster) -> None:
+    cluster = start_cluster(app="hostile_app:app", workers=1)
+    status, body = get(cluster.port, "/fork")
+    grandchild = json.loads(body)["grandchild"]
+    assert status == 200 and pid_alive(grandchild)
+    stop = cluster.cli("stop")
+    assert stop.returncode == 0, stop.stderr
+    wait_for(lambda: not pid_alive(grandchild), 5, "the grandchild to end with its worker")
+    assert port_free(cluster.port)
+
+
+def test_a_worker_killed_before_it_serves_backs_off(start_cluster, tmp_path: Path) -> None:
+    """What an app that outgrows memory while importing looks like: SIGKILLed from outside, again and again."""
+    oom = tmp_path / "oom"
+    cluster = start_cluster(app="hostile_app:app", workers=1, env={"HOSTILE_KILL_AT_IMPORT": str(oom)})
+    oom.touch()
+    os.kill(cluster.ready_workers()[0]["pid"], signal.SIGKILL)
+    wait_for(lambda: any(w["state"] == "backoff" for w in control(cluster)["workers"]), 20, "a back-off")
+    started = time.monotonic()
+    wait_for(lambda: time.monotonic() - started > 4, 10, "4 s of the crash loop", interval=0.2)
+    spawns = [e for e in cluster.worker_events() if e["event"] == "spawned"]
+    # Back-off doubles from 0.5 s: a hot loop would have spawned dozens by now.
+    assert len(spawns) <= 8, len(spawns)
+
+
+def test_signals_during_a_slow_start_up(start_cluster) -> None:
+    env = {"HOSTILE_IMPORT_SECONDS": "3"}
+    cluster = start_cluster(app="hostile_app:app", workers=1, env=env, wait=False)
+    wait_for(lambda: control(cluster) is not None, 20, "the control socket (workers still importing)")
+    os.kill(cluster.proc.pid, signal.SIGHUP)  # `systemctl reload` during a deploy
+    wait_for(lambda: all_ready(cluster, 1), 30, "the worker ready despite the HUP")
+    assert cluster.proc.poll() is None
+
+    second = start_cluster(app="hostile_app:app", workers=1, env=env, wait=False, db=cluster.db.with_name("b.db"))
+    wait_for(lambda: control(second) is not None, 20, "the second primary's control socket")
+    worker = wait_for(lambda: psutil.Process(second.proc.pid).children(), 10, "a worker importing")[0]
+    os.kill(second.proc.pid, signal.SIGTERM)
+    assert second.proc.wait(10) == 0, second.output()
+    assert not pid_alive(worker.pid)
+    assert "Traceback" not in second.output()
+
+
+def test_stop_during_a_reload_answers_the_reload(start_cluster) -> None:
+    cluster = start_cluster(app="hostile_app:app", workers=1, env={"HOSTILE_IMPORT_SECONDS": "2"})
+    reload = subprocess.Popen(
+        [sys.executable, "-m", "runtime", "reload", "--db", str(cluster.db)],
+        cwd=cluster.cwd,
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: len(control(cluster)["workers"]) == 2, 10, "the reload's new worker starting")
+        assert cluster.cli("stop").returncode == 0
+        out, err = reload.communicate(timeout=20)
+    finally:
+        if reload.poll() is None:
+            reload.kill()
+    assert reload.returncode == 1, (out, err)
+    assert "interrupted" in err and "Traceback" not in err
+    assert "Traceback" not in cluster.output()
