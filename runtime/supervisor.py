@@ -36,7 +36,7 @@ from .channel import EXIT_BOOT_ERROR, SPEC_ENV, health_socket_name
 from .config import MAX_WORKERS, Settings
 from .events import EventBus
 from .listeners import Listener
-from .logs import LogLine, WorkerLogs
+from .logs import OutputReader, WorkerLogs
 from .metrics import WorkerStats, merge, percentile
 from .restarts import RestartPolicy
 from .snapshot import ReloadSnapshot, WorkerSnapshot
@@ -359,7 +359,7 @@ class Supervisor:
     def _watch_output(self, worker: WorkerProc, fd: int, stream: str) -> None:
         loop = asyncio.get_running_loop()
         os.set_blocking(fd, False)
-        partial = bytearray()
+        reader = OutputReader(self.logs, worker.slot, worker.pid, stream)
 
         def on_readable() -> None:
             try:
@@ -368,22 +368,13 @@ class Supervisor:
                 return
             except OSError:
                 chunk = b""
-            if not chunk:
+            if chunk:
+                reader.feed(chunk)
+            else:
                 loop.remove_reader(fd)
-                if partial:
-                    self._log(worker, stream, bytes(partial))
-                return
-            partial.extend(chunk)
-            *lines, rest = partial.split(b"\n")
-            partial[:] = rest
-            for line in lines:
-                self._log(worker, stream, line)
+                reader.close()
 
         loop.add_reader(fd, on_readable)
-
-    def _log(self, worker: WorkerProc, stream: str, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip("\r")
-        self.logs.add(LogLine(worker.slot, worker.pid, stream, text))
 
     async def _channel(self, worker: WorkerProc, sock: socket.socket) -> None:
         reader, worker.writer = await asyncio.open_unix_connection(sock=sock)

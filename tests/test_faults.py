@@ -1138,3 +1138,19 @@ def test_stop_during_a_reload_answers_the_reload(start_cluster) -> None:
     assert reload.returncode == 1, (out, err)
     assert "interrupted" in err and "Traceback" not in err
     assert "Traceback" not in cluster.output()
+
+
+def test_a_flooding_worker_keeps_the_primary_small_and_the_site_up(start_cluster) -> None:
+    cluster = start_cluster(app="flood_app:app", workers=2)
+    primary = psutil.Process(cluster.proc.pid)
+    peak = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 8:  # pacing: sample memory and serve requests through the flood
+        peak = max(peak, primary.memory_info().rss)
+        assert get(cluster.port)[0] == 200
+        time.sleep(0.2)
+    # Unbounded, this grew by about 50 MB a second (1.4 GB in 30 s); bounded, it stays near its start size.
+    assert peak < 200 * 1024 * 1024, f"primary peaked at {peak / 1048576:.0f} MiB"
+    log = cluster.db.parent / "logs" / "workers.log"
+    wait_for(lambda: "lines dropped" in log.read_text(errors="replace"), 10, "the dropped lines counted in the log")
+    assert cluster.proc.poll() is None
