@@ -10,6 +10,9 @@ that TCP_NODELAY is set on every accepted socket.
 Channel messages are JSON lines. Worker → primary: `boot` (app loaded, health
 socket open), `ready` (accepting), `hb` (heartbeat with cumulative counters),
 `fatal` (cannot start: the error). Primary → worker: `accept`, `drain`.
+
+`CLUSTERCTL_HEADER_TIMEOUT` (seconds, default `HEADER_TIMEOUT`) in the worker's
+environment sets how long a new connection may take to send its request head.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import faulthandler
 import functools
 import importlib
 import inspect
 import json
+import math
 import os
 import resource
 import signal
@@ -44,6 +49,20 @@ from .channel import EXIT_BOOT_ERROR, EXIT_PRIMARY_GONE, SPEC_ENV, health_socket
 from .metrics import RequestCounters
 
 _PR_SET_PDEATHSIG = 1
+
+# A new connection that has not sent a complete request head by then is closed: otherwise idle
+# or trickling clients hold a file descriptor each for ever (uvicorn only times out a connection
+# between requests, never before its first). Not keepalive_timeout: operators raise that above a
+# load balancer's idle timeout, and that must not lift this guard too. A head takes well under a
+# second even on a slow link, so 10 s spares real clients and frees fds long before they run out.
+HEADER_TIMEOUT = 10.0
+HEADER_TIMEOUT_ENV = "CLUSTERCTL_HEADER_TIMEOUT"
+
+# accept() that fails for want of a resource fails again at once, and the listener stays readable:
+# stop reading it for a while (other workers take the connections meanwhile) instead of spinning.
+ACCEPT_BACKOFF_MIN = 0.1
+ACCEPT_BACKOFF_MAX = 1.0
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class AppLoadError(Exception):
@@ -68,9 +87,7 @@ def load_app(target: str, interface: str) -> tuple[Any, str]:
         raise AppLoadError(f"cannot load app {target!r}: {type(app).__name__} object is not callable")
     kind = detect_interface(app) if interface == "auto" else interface
     if kind == "wsgi":
-        from a2wsgi import WSGIMiddleware
-
-        return WSGIMiddleware(app), "wsgi"
+        return WSGIAdapter(app), "wsgi"
     if kind == "asgi2":
         from uvicorn.middleware.asgi2 import ASGI2Middleware
 
@@ -98,6 +115,34 @@ def detect_interface(app: Any) -> str:
     if len(params) == 1:
         return "asgi2"
     return "asgi3"
+
+
+class WSGIAdapter:
+    """A WSGI app served through a2wsgi, whose `wsgi.input` ends exactly where the request body ends.
+
+    a2wsgi's input reads until the last body message, chunked or not, so the environ says so with
+    `wsgi.input_terminated`; without it Werkzeug (Flask) reads a body that has no Content-Length
+    as empty. An app told to trust EOF must not get one early: a2wsgi would read the
+    `http.disconnect` of a client that went away mid-body as the end of it, so that is an error.
+    """
+
+    def __init__(self, app: Any) -> None:
+        from a2wsgi import WSGIMiddleware
+
+        def terminated(environ: dict[str, Any], start_response: Any) -> Any:
+            environ["wsgi.input_terminated"] = True
+            return app(environ, start_response)
+
+        self.middleware = WSGIMiddleware(terminated)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def receive_body() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.disconnect":  # a2wsgi asks only while the body is unfinished
+                raise ConnectionResetError("the client disconnected before the end of the request body")
+            return message
+
+        await self.middleware(scope, receive_body, send)
 
 
 class MetricsMiddleware:
@@ -148,6 +193,9 @@ class Acceptor:
     One accept per readiness wake-up, and none while this worker holds more
     connections than the least loaded one (see `runtime.balance`): every worker
     woken on the shared socket gets a fair chance at the next connection.
+    Out of file descriptors, it stops accepting for a back-off instead of
+    spinning on the failure; and a connection gets `header_timeout` seconds to
+    send its request head.
     """
 
     def __init__(
@@ -157,6 +205,7 @@ class Acceptor:
         connections: Callable[[], int],
         board: ConnectionBoard | None = None,
         index: int = 0,
+        header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
         self.sockets = sockets
         self.connections = connections
@@ -165,19 +214,25 @@ class Acceptor:
         self.pending: set[asyncio.Task[Any]] = set()
         self.accepting = False
         self._deferred_since: float | None = None
+        self._backoff = 0.0
+        self._backoff_timer: asyncio.TimerHandle | None = None
+        self._failures = 0  # accepts failed since the last one that worked
+        self._failing_since = 0.0
 
-        def counted_factory() -> Any:
+        def guarded_factory() -> Any:
             protocol = factory()
+            deadline = asyncio.get_running_loop().call_later(header_timeout, _close_if_no_request, protocol)
             lost = protocol.connection_lost
 
             def connection_lost(exc: Exception | None) -> None:
+                deadline.cancel()
                 lost(exc)
                 self.publish()
 
             protocol.connection_lost = connection_lost
             return protocol
 
-        self.factory = counted_factory if board is not None else factory
+        self.factory = guarded_factory
 
     def publish(self) -> None:
         if self.board is not None and self.accepting:
@@ -203,15 +258,49 @@ class Acceptor:
             conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
-        except OSError as exc:  # EMFILE and friends: say so, keep serving the connections we have
-            print(f"accept failed: {exc}", file=sys.stderr)
+        except OSError as exc:
+            if exc.errno in _OUT_OF_RESOURCES:
+                self._back_off(loop, exc)
+            else:  # an error about that one connection, which the failed accept used up
+                print(f"accept failed: {exc}", file=sys.stderr)
             return
+        if self._failures:
+            took = loop.time() - self._failing_since
+            print(f"accepting again after {self._failures} failed accepts in {took:.1f}s", file=sys.stderr)
+            self._failures = 0
+            self._backoff = 0.0
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = loop.create_task(loop.connect_accepted_socket(self.factory, conn))
         self.pending.add(task)
         task.add_done_callback(self._connected)
         self.publish()
+
+    def _back_off(self, loop: asyncio.AbstractEventLoop, exc: OSError) -> None:
+        """Stop reading every listener (the shortage is the process's) for a pause that doubles up to the cap.
+
+        One line when the shortage starts and one with the count when it ends: a worker out of
+        fds for minutes must not flood the primary's log with a line per wake-up.
+        """
+        if not self._failures:
+            self._failing_since = loop.time()
+            print(
+                f"accept failed: {exc}; pausing accepts ({ACCEPT_BACKOFF_MIN:g}s doubling to "
+                f"{ACCEPT_BACKOFF_MAX:g}s) until one succeeds",
+                file=sys.stderr,
+            )
+        self._failures += 1
+        self._backoff = min(ACCEPT_BACKOFF_MAX, self._backoff * 2 or ACCEPT_BACKOFF_MIN)
+        for sock in self.sockets:
+            loop.remove_reader(sock.fileno())
+        self._backoff_timer = loop.call_later(self._backoff, self._end_pause)
+
+    def _end_pause(self) -> None:
+        self._backoff_timer = None
+        if self.accepting:
+            loop = asyncio.get_running_loop()
+            for sock in self.sockets:
+                loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _step_aside(self, now: float) -> bool:
         assert self.board is not None
@@ -228,7 +317,7 @@ class Acceptor:
         return False
 
     def _resume(self, listener: socket.socket) -> None:
-        if self.accepting:
+        if self.accepting and self._backoff_timer is None:
             asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
 
     def _connected(self, task: asyncio.Task[Any]) -> None:
@@ -250,11 +339,35 @@ class Acceptor:
             await asyncio.gather(*self.pending, return_exceptions=True)
 
 
+def _close_if_no_request(protocol: Any) -> None:
+    """The header timeout: close a connection that has not sent a whole request head yet.
+
+    Not one that has (uvicorn's keep-alive timeout and the drain look after those), nor one
+    upgraded to a WebSocket, whose transport now belongs to the WebSocket protocol.
+    """
+    transport = protocol.transport
+    if transport is None or transport.is_closing() or transport.get_protocol() is not protocol:
+        return
+    if protocol.cycle is None:
+        transport.close()
+
+
 class Worker:
-    def __init__(self, app: Any, interface: str, spec: dict[str, Any], channel: socket.socket) -> None:
+    def __init__(
+        self,
+        app: Any,
+        interface: str,
+        spec: dict[str, Any],
+        channel: socket.socket,
+        listeners: dict[int, tuple[int, int]],
+        header_timeout: float,
+    ) -> None:
         self.spec = spec
         self.interface = interface
         self.channel_sock = channel
+        self.listener_ids = listeners
+        self.header_timeout = header_timeout
+        self.http_protocol: type[asyncio.Protocol] | None = None
         self.counters = RequestCounters()
         self.app = MetricsMiddleware(app, self.counters, self)
         self.state = ServerState()
@@ -297,6 +410,14 @@ class Worker:
             self.send({"t": "fatal", "error": f"app {self.spec['target']!r}: lifespan startup failed"})
             await self._flush()
             return EXIT_BOOT_ERROR
+        problem = _changed_listener(self.listener_ids)
+        if problem is not None:
+            self.send({"t": "fatal", "error": problem})
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.lifespan.shutdown(), timeout=self.spec["graceful_timeout"])
+            await self._flush()
+            return EXIT_BOOT_ERROR
+        self.http_protocol = config.http_protocol_class
         factory = functools.partial(
             config.http_protocol_class,
             config=config,
@@ -306,7 +427,12 @@ class Worker:
         listeners = [socket.socket(fileno=fd) for fd in self.spec["listen_fds"]]
         board = ConnectionBoard(self.spec["board_fd"]) if self.spec.get("board_fd") is not None else None
         self.acceptor = Acceptor(
-            listeners, factory, lambda: len(self.state.connections), board, self.spec.get("board_index", 0)
+            listeners,
+            factory,
+            lambda: len(self.state.connections),
+            board,
+            self.spec.get("board_index", 0),
+            self.header_timeout,
         )
         health = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         health.bind(health_socket_name(int(os.environ["CLUSTERCTL_PRIMARY_PID"]), os.getpid()))
@@ -335,15 +461,19 @@ class Worker:
             now = loop.time()
             if now >= deadline:
                 break
-            if now >= idle_cutoff:
-                # Idle keep-alive connections that sent nothing since the drain began:
-                # the same close uvicorn's keep-alive timeout would make.
-                for conn in list(self.state.connections):
-                    if conn.cycle is None or conn.cycle.response_complete:
-                        conn.shutdown()
+            for conn in list(self.state.connections):
+                if not isinstance(conn, self.http_protocol):
+                    # A WebSocket has no request boundary to wait for: close it now with 1012
+                    # (service restart), as uvicorn's own shutdown does, so its client reconnects
+                    # to a worker that stays. Checked each pass: one may upgrade during the drain.
+                    _shut_down(conn)
+                elif now >= idle_cutoff and (conn.cycle is None or conn.cycle.response_complete):
+                    # Idle keep-alive connections that sent nothing since the drain began:
+                    # the same close uvicorn's keep-alive timeout would make.
+                    conn.shutdown()
             await asyncio.sleep(0.05)
         for conn in list(self.state.connections):
-            conn.shutdown()
+            _shut_down(conn)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.lifespan.shutdown(), timeout=max(0.1, deadline - loop.time()))
         self.send({"t": "drained"})
@@ -382,6 +512,57 @@ class Worker:
             await asyncio.sleep(1)
 
 
+def _shut_down(conn: Any) -> None:
+    # Once: a second shutdown() of a WebSocket would queue a second disconnect and close frame.
+    if not conn.transport.is_closing():
+        conn.shutdown()
+
+
+def _listener_ids(fds: list[int]) -> dict[int, tuple[int, int]]:
+    """Each inherited listening fd's socket identity (device, inode), taken before any app code runs."""
+    ids = {}
+    for fd in fds:
+        st = os.fstat(fd)
+        ids[fd] = (st.st_dev, st.st_ino)
+    return ids
+
+
+def _changed_listener(listeners: dict[int, tuple[int, int]]) -> str | None:
+    """What is wrong if an inherited fd is no longer the listening socket the primary passed, else None.
+
+    An app may close fds it did not open, or dup2() a socket of its own onto a low number, at
+    import or in its lifespan startup. Serving what is left would report ready and serve nothing.
+    """
+    for fd, identity in listeners.items():
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            st = None
+        listening = False
+        if st is not None and (st.st_dev, st.st_ino) == identity:
+            probe = socket.socket(fileno=fd)
+            try:
+                listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            finally:
+                probe.detach()  # only looked: the fd stays open for the Acceptor
+        if not listening:
+            return f"the app closed or replaced listening socket fd {fd}"
+    return None
+
+
+def _header_timeout() -> float:
+    raw = os.environ.get(HEADER_TIMEOUT_ENV)
+    if raw is None:
+        return HEADER_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise AppLoadError(f"{HEADER_TIMEOUT_ENV} must be a positive number of seconds, not {raw!r}")
+    return value
+
+
 def _die_with_primary(primary_pid: int) -> None:
     """Ask the kernel to SIGKILL us when the primary dies, however it dies."""
     with contextlib.suppress(OSError, AttributeError):
@@ -401,7 +582,9 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     faulthandler.enable()
     channel = socket.socket(fileno=spec["channel_fd"])
+    listeners = _listener_ids(spec["listen_fds"])
     try:
+        header_timeout = _header_timeout()
         app, interface = load_app(spec["target"], spec["interface"])
     except AppLoadError as exc:
         line = json.dumps({"t": "fatal", "error": str(exc)}) + "\n"
@@ -409,7 +592,7 @@ def main() -> None:
             channel.sendall(line.encode())
         sys.exit(EXIT_BOOT_ERROR)
 
-    sys.exit(uvloop.run(Worker(app, interface, spec, channel).run()))
+    sys.exit(uvloop.run(Worker(app, interface, spec, channel, listeners, header_timeout).run()))
 
 
 if __name__ == "__main__":

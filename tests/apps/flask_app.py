@@ -1,6 +1,7 @@
+import hashlib
 import os
 
-from flask import Flask
+from flask import Flask, request
 
 app = Flask(__name__)
 
@@ -13,3 +14,9 @@ def index():
 @app.get("/teapot")
 def teapot():
     return "short and stout", 418
+
+
+@app.post("/digest")
+def digest():
+    body = request.get_data()
+    return {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
