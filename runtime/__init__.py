@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "ClusterSnapshot": "snapshot",
     "ConfigError": "config",
+    "EmitError": "outbox",
     "Event": "events",
     "EventBus": "events",
     "Primary": "primary",
@@ -21,12 +22,14 @@ _EXPORTS = {
     "StartupError": "primary",
     "WorkerSnapshot": "snapshot",
     "emit": "outbox",
+    "emit_async": "outbox",
     "load_settings": "config",
 }
 
 __all__ = [
     "ClusterSnapshot",
     "ConfigError",
+    "EmitError",
     "Event",
     "EventBus",
     "Primary",
@@ -36,13 +39,14 @@ __all__ = [
     "StartupError",
     "WorkerSnapshot",
     "emit",
+    "emit_async",
     "load_settings",
 ]
 
 if TYPE_CHECKING:
     from .config import ConfigError, Settings, load_settings
     from .events import Event, EventBus
-    from .outbox import emit
+    from .outbox import EmitError, emit, emit_async
     from .primary import Primary, StartupError
     from .snapshot import ClusterSnapshot, ReloadSnapshot, WorkerSnapshot
     from .supervisor import ReloadFailed

@@ -5,24 +5,39 @@ endpoint to the store in one transaction and returns the event id at once; it
 never touches the network. Only the primary delivers (`runtime.webhooks`).
 The endpoints and their event filters are read from the store, where the
 primary publishes them at start; secrets never leave the primary.
+
+An emitting process follows the store file: if it was replaced (deleted and
+recreated by the primary), the next `emit()` writes to the new file, never to
+the old one where nobody would read it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import secrets
+import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .store import Store
+from .store import BUSY_TIMEOUT_MS, Store, StoreError, is_busy
 
 ENDPOINTS_TTL = 1.0  # seconds an emitting process trusts its cached endpoint list
+# How long emit() may wait for the store's write lock when it is called on an event loop: every
+# request the worker serves waits with it, so it gives up soon and says so instead.
+EVENT_LOOP_WAIT_MS = 200
+
+
+class EmitError(Exception):
+    """The event was not recorded (the store is locked, missing or failing); the message names the store."""
 
 
 class SecretError(Exception):
@@ -86,8 +101,8 @@ def body_for(kind: str, created_at: str, payload_json: str) -> bytes:
 class _Outbox:
     """One per process and store path: a connection and a short-lived cache of endpoint filters."""
 
-    def __init__(self, path: Path) -> None:
-        self.store = Store(path)
+    def __init__(self, path: Path, wait_ms: int) -> None:
+        self.store = Store(path, busy_timeout_ms=wait_ms)
         self.lock = threading.Lock()
         self._endpoints: list[tuple[str, list[str]]] = []
         self._fetched = 0.0
@@ -99,15 +114,78 @@ class _Outbox:
             self._fetched = now
         return [name for name, patterns in self._endpoints if matches(patterns, kind)]
 
-    def emit(self, kind: str, payload_json: str) -> str:
-        event_id = new_event_id()
-        with self.lock:
+    def emit(self, kind: str, payload_json: str, wait_ms: int) -> str:
+        with _holding(self.lock, wait_ms):
+            self.store.set_busy_timeout(wait_ms)
+            self._follow_file()
+            event_id = new_event_id()
             self.store.emit(event_id, kind, payload_json, self.targets(kind))
         return event_id
+
+    def _follow_file(self) -> None:
+        """Checked on every emit (one stat): an event written to a deleted file is lost without a word.
+
+        A missing file is not recreated here: the primary does that and publishes the endpoints with it,
+        and an event written to a store without its endpoints would never be delivered.
+        """
+        problem = self.store.file_problem()
+        if problem is None:
+            return
+        if not self.store.path.exists():
+            raise StoreError(f"{problem}, and the primary has not created a new one yet")
+        self.store.reopen(prepare=False)
+        self._fetched = 0.0  # the endpoints of the new file, not the cached ones of the old
 
 
 _outboxes: dict[Path, _Outbox] = {}
 _outboxes_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _holding(lock: threading.Lock, wait_ms: int) -> Iterator[None]:
+    """Threads of a process share its outboxes: waiting for one counts against the same limit as the store's lock."""
+    if not lock.acquire(timeout=wait_ms / 1000):
+        raise TimeoutError("another thread of this process is writing to it")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _prepare(kind: str, payload: Any, db: str | os.PathLike[str] | None) -> tuple[Path, str]:
+    if not kind or not isinstance(kind, str):
+        raise ValueError("emit() needs an event type, like 'app.order_created'")
+    payload_json = json.dumps({} if payload is None else payload, separators=(",", ":"))
+    where = db or os.environ.get("CLUSTERCTL_DB")
+    if not where:
+        raise RuntimeError("emit() needs the store: run under clusterctl-tui (CLUSTERCTL_DB) or pass db=")
+    return Path(where), payload_json
+
+
+def _write(path: Path, kind: str, payload_json: str, on_event_loop: bool) -> str:
+    wait_ms = EVENT_LOOP_WAIT_MS if on_event_loop else BUSY_TIMEOUT_MS
+    try:
+        with _holding(_outboxes_lock, wait_ms):
+            outbox = _outboxes.get(path)
+            if outbox is None:
+                outbox = _outboxes[path] = _Outbox(path, wait_ms)
+        return outbox.emit(kind, payload_json, wait_ms)
+    except (OSError, sqlite3.Error, StoreError) as exc:
+        if is_busy(exc) or isinstance(exc, TimeoutError):
+            reason = f"it stayed locked by another writer for {wait_ms / 1000:g}s"
+            if on_event_loop:
+                reason += " (the limit on an event loop; `await emit_async(...)` waits longer without blocking it)"
+        else:
+            reason = str(exc)
+        raise EmitError(f"event {kind!r} was NOT recorded in store {path}: {reason}") from exc
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def emit(kind: str, payload: Any = None, *, db: str | os.PathLike[str] | None = None) -> str:
@@ -115,16 +193,21 @@ def emit(kind: str, payload: Any = None, *, db: str | os.PathLike[str] | None = 
 
     Durable when this returns; delivery happens later, on the primary, at least once.
     Safe from any worker, thread or job. Raises TypeError for a payload JSON cannot encode.
+
+    If the event cannot be recorded, this raises EmitError, never returns: an event is not
+    lost without an exception. Another process may hold the store's write lock for a moment;
+    from a plain thread (a WSGI view, a job) emit() waits for it up to 10 s. Called on a
+    running event loop (an async view; the whole worker waits with it) it waits at most
+    0.2 s and then raises EmitError; use `await emit_async(...)` there to wait the full time
+    without blocking the loop.
     """
-    if not kind or not isinstance(kind, str):
-        raise ValueError("emit() needs an event type, like 'app.order_created'")
-    payload_json = json.dumps({} if payload is None else payload, separators=(",", ":"))
-    where = db or os.environ.get("CLUSTERCTL_DB")
-    if not where:
-        raise RuntimeError("emit() needs the store: run under clusterctl-tui (CLUSTERCTL_DB) or pass db=")
-    path = Path(where)
-    with _outboxes_lock:
-        outbox = _outboxes.get(path)
-        if outbox is None:
-            outbox = _outboxes[path] = _Outbox(path)
-    return outbox.emit(kind, payload_json)
+    path, payload_json = _prepare(kind, payload, db)
+    return _write(path, kind, payload_json, _on_event_loop())
+
+
+async def emit_async(kind: str, payload: Any = None, *, db: str | os.PathLike[str] | None = None) -> str:
+    """`emit()` for async code: the write runs in a thread and may wait the full 10 s for the lock,
+    while the event loop goes on serving. Durable when it returns; raises EmitError if the event
+    was not recorded. A task cancelled while awaiting this may still have recorded its event."""
+    path, payload_json = _prepare(kind, payload, db)  # now, so the event is the payload as it is at the call
+    return await asyncio.to_thread(_write, path, kind, payload_json, False)

@@ -363,6 +363,17 @@ class Primary:
             self.primary_rss = me.memory_info().rss
             self.rps_history.append(round(sum(s.rate(time.monotonic()) for s in self.supervisor.live_stats()), 2))
             try:
+                # SQLite writes on to a deleted file without a word, and so would every worker's emit():
+                # all of it lost. Move to the file at the path (a new one, endpoints published) and say so.
+                problem = await self.store.call(self.store.store.file_problem)
+                if problem is not None:
+                    await self.store.call(self.store.store.reopen)
+                    message = (
+                        f"{problem}: now writing to the file at that path; what was written to the old one"
+                        f" before {utc_now_iso()} is not in it"
+                    )
+                    self.store.report(message)
+                    self.events.publish("store.replaced", message)
                 counts = await self.store.call(self.store.store.webhook_counts)
                 self.webhook_counts = counts
                 if time.monotonic() - last_prune > PRUNE_EVERY:

@@ -4,16 +4,25 @@ Table names and the columns in DESIGN.md are a contract. Everything that
 touches SQL lives here, so a server database could take its place behind the
 same methods. The primary never calls SQLite on its event loop: `AsyncStore`
 runs every call on one writer thread.
+
+Many processes open one file (primaries sharing a store, every worker's
+`emit`), often at the same moment, so opening is safe under concurrency: the
+file is created once, under a lock, readable by its owner only, and the schema
+is migrated in one write transaction, numbered by `PRAGMA user_version`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
+import os
+import random
 import sqlite3
+import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +32,8 @@ import sqlite_utils
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 10_000
+FILE_MODE = 0o600  # it holds webhook URLs (credentials and all) and every payload
+ERROR_HOLD_SECONDS = 300.0  # a replaced store file stays in `status` this long after writes succeed again
 
 
 class StoreError(Exception):
@@ -38,27 +49,295 @@ def utc_now_iso() -> str:
     return iso_at(time.time())
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA foreign_keys = ON")
+def is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY in any of its extended forms: another connection held the lock longer than we waited."""
+    # Errors the sqlite3 module raises itself (a closed connection) carry no code.
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def connect(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """A connection to an existing store file. It never creates one: `Store` does, readable by its owner only."""
+    conn = sqlite3.connect(
+        f"{path.absolute().as_uri()}?mode=rw",
+        uri=True,
+        timeout=busy_timeout_ms / 1000,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    try:
+        _use_wal(conn, busy_timeout_ms / 1000)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
-class Store:
-    """`clock` (seconds since the epoch) stamps and ages every row, so tests can pin "now"."""
+def _use_wal(conn: sqlite3.Connection, patience: float) -> None:
+    """Switching a fresh file to WAL needs an exclusive lock, and SQLite does not always wait for it
+    (the busy timeout is not honoured in every case): processes opening one new store together got
+    "database is locked". So retry, backing off with jitter, for as long as a write would wait."""
+    deadline = time.monotonic() + patience
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, 0.1)
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+
+def _companions(path: Path) -> tuple[Path, Path]:
+    return path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
+def _create_file(path: Path) -> None:
+    """Create the store file private to its owner, or tighten one that other users may read.
+
+    SQLite gives the -wal and -shm files the main file's mode, so they follow it. A -wal or -shm
+    without its main file is what a deleted store left behind, possibly still mapped by processes
+    writing to the deleted file: a new store must not share them, so its creator removes them. The
+    directory lock makes "created it, so the companions are stale" true: no other opener can have
+    made this file's companions between our create and our unlink.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE))
+        except FileExistsError:
+            created = False
+        else:
+            created = True
+            for companion in _companions(path):
+                companion.unlink(missing_ok=True)
+    finally:
+        os.close(directory)  # and with it the lock
+    if not created:
+        for file in (path, *_companions(path)):
+            _tighten(file)
+
+
+def _tighten(path: Path) -> None:
+    """Left readable by a version that created files with the umask's mode: make it the owner's only."""
+    with contextlib.suppress(FileNotFoundError, PermissionError):  # gone already; or another user's, not ours
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _schema_1(conn: sqlite3.Connection) -> None:
+    """The tables and indexes of the first release (IF NOT EXISTS: stores from before versioning have them)."""
+    db = sqlite_utils.Database(conn)
+    db["worker_events"].create(
+        {
+            "id": int,
+            "ts": str,
+            "worker_id": int,
+            "pid": int,
+            "event": str,
+            "exit_code": int,
+            "reason": str,
+            "primary_pid": int,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    db["job_runs"].create(
+        {
+            "id": int,
+            "job": str,
+            "scheduled_for": str,
+            "trigger": str,
+            "started_at": str,
+            "finished_at": str,
+            "status": str,
+            "exit_code": int,
+            "output": str,
+            "attempt": int,
+            "primary_pid": int,
+        },
+        pk="id",
+        not_null={"job", "scheduled_for", "status"},
+        if_not_exists=True,
+    )
+    db["webhook_events"].create(
+        {"id": str, "type": str, "payload": str, "created_at": str},
+        pk="id",
+        if_not_exists=True,
+    )
+    db["webhook_deliveries"].create(
+        {
+            "id": int,
+            "event_id": str,
+            "endpoint": str,
+            "attempt": int,
+            "status": str,
+            "response_code": int,
+            "next_attempt_at": str,
+            "last_error": str,
+            "delivered_at": str,
+            "created_at": str,
+            "replay_of": int,
+            "leased_by": int,
+            "lease_until": str,
+        },
+        pk="id",
+        foreign_keys=[("event_id", "webhook_events", "id")],
+        if_not_exists=True,
+    )
+    db["job_state"].create(
+        {"job": str, "paused": int, "last_slot": str, "updated_at": str}, pk="job", if_not_exists=True
+    )
+    db["job_attempts"].create(
+        {
+            "id": int,
+            "run_id": int,
+            "attempt": int,
+            "started_at": str,
+            "finished_at": str,
+            "status": str,
+            "exit_code": int,
+            "output": str,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    db["webhook_endpoints"].create(
+        {"name": str, "url": str, "events": str, "max_attempts": int, "enabled": int, "disabled_reason": str},
+        pk="name",
+        if_not_exists=True,
+    )
+    db["job_runs"].create_index(["job", "scheduled_for"], unique=True, if_not_exists=True)
+    db["worker_events"].create_index(["ts"], if_not_exists=True)
+    db["webhook_deliveries"].create_index(["endpoint", "status", "next_attempt_at"], if_not_exists=True)
+    db["webhook_deliveries"].create_index(["event_id"], if_not_exists=True)
+
+
+# Migration n brings a store from user_version n - 1 to n. Only ever append: a store at a newer version
+# than this code knows is used as it is (blue/green deploys run an older release on the same file).
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1,)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _write_endpoints(conn: sqlite3.Connection, endpoints: list[dict[str, Any]]) -> None:
+    names = [e["name"] for e in endpoints]
+    conn.execute(
+        f"UPDATE webhook_endpoints SET enabled = 0, disabled_reason = 'removed from the config'"
+        f" WHERE name NOT IN ({','.join('?' * len(names))})",
+        names,
+    )
+    for e in endpoints:
+        conn.execute(
+            "INSERT INTO webhook_endpoints (name, url, events, max_attempts, enabled, disabled_reason)"
+            " VALUES (?, ?, ?, ?, 1, NULL) ON CONFLICT(name) DO UPDATE SET url = excluded.url,"
+            " events = excluded.events, max_attempts = excluded.max_attempts, enabled = 1,"
+            " disabled_reason = NULL",
+            (e["name"], e["url"], json.dumps(e["events"]), e["max_attempts"]),
+        )
+
+
+class Store:
+    """`clock` (seconds since the epoch) stamps and ages every row, so tests can pin "now".
+
+    `busy_timeout_ms` is how long a write waits for another connection's lock before it fails.
+    """
+
+    def __init__(
+        self, path: Path, clock: Callable[[], float] = time.time, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    ) -> None:
         self.path = path
         self.clock = clock
+        self.busy_timeout_ms = busy_timeout_ms
+        # The endpoints this process published, so that a store file recreated under it has them again.
+        self._published: list[dict[str, Any]] | None = None
+        self.conn, self._file = self._open(prepare=True)
+
+    def _open(self, prepare: bool) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        """Connect to the file at `path`; `prepare` creates it if need be and migrates it, otherwise it
+        must be ready (its schema current)."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = connect(path)
-            self._migrate()
+            if prepare:
+                _create_file(self.path)
+            # Before connecting: were the file swapped in between, `file_problem` would see it and we would
+            # reopen, rather than trust a file we are not connected to.
+            info = os.stat(self.path)
+            conn = connect(self.path, self.busy_timeout_ms)
+            try:
+                if prepare:
+                    self._migrate(conn)
+                elif _schema_version(conn) < SCHEMA_VERSION:
+                    raise StoreError(f"store file {self.path} is new and its schema is not created yet")
+            except BaseException:
+                conn.close()
+                raise
         except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open store {path}: {_reason(exc)}") from None
+            raise StoreError(f"cannot open store {self.path}: {_reason(exc)}") from None
+        return conn, (info.st_dev, info.st_ino)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """One write transaction, so openers racing on a fresh file create the schema once; a process that
+        published endpoints writes them in the same transaction, so no emitter sees the file without them."""
+        if self._published is None and _schema_version(conn) >= SCHEMA_VERSION:
+            return  # only a read: opening an up-to-date store never waits for a writer
+        with _transaction(conn):
+            version = _schema_version(conn)
+            for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
+                migration(conn)
+                conn.execute(f"PRAGMA user_version = {number}")
+            if self._published is not None:
+                _write_endpoints(conn, self._published)
+
+    def file_problem(self) -> str | None:
+        """Why the file at `path` is not the one this store writes to, or None while it is.
+
+        SQLite goes on writing to a deleted (or renamed-over) file without a complaint, and all of
+        it is lost: whoever holds a Store asks this now and then and `reopen`s.
+        """
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return f"store file {self.path} was deleted while in use"
+        if (info.st_dev, info.st_ino) != self._file:
+            return f"store file {self.path} was replaced by another file while in use"
+        return None
+
+    def reopen(self, prepare: bool = True) -> None:
+        """Move to the file now at `path`. With `prepare` (the primary), create a new one if there is
+        none, migrate it and publish this process's endpoints in it. Without (an emitter), only move to
+        a file that is ready: one whose schema, and so its endpoints, the primary has written.
+
+        Closing the old connection is safe: SQLite neither checkpoints into nor deletes the -wal of a
+        database file that has moved, so the new file's -wal at the same path is left alone.
+        """
+        conn, self._file = self._open(prepare)
+        old, self.conn = self.conn, conn
+        old.close()
+
+    def set_busy_timeout(self, busy_timeout_ms: int) -> None:
+        if busy_timeout_ms != self.busy_timeout_ms:
+            self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            self.busy_timeout_ms = busy_timeout_ms
 
     def close(self) -> None:
         self.conn.close()
@@ -72,101 +351,8 @@ class Store:
     def _iso_days_ago(self, days: float) -> str:
         return iso_at(self.clock() - days * 86400)
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
-
-    def _migrate(self) -> None:
-        db = sqlite_utils.Database(self.conn)
-        db["worker_events"].create(
-            {
-                "id": int,
-                "ts": str,
-                "worker_id": int,
-                "pid": int,
-                "event": str,
-                "exit_code": int,
-                "reason": str,
-                "primary_pid": int,
-            },
-            pk="id",
-            if_not_exists=True,
-        )
-        db["job_runs"].create(
-            {
-                "id": int,
-                "job": str,
-                "scheduled_for": str,
-                "trigger": str,
-                "started_at": str,
-                "finished_at": str,
-                "status": str,
-                "exit_code": int,
-                "output": str,
-                "attempt": int,
-                "primary_pid": int,
-            },
-            pk="id",
-            not_null={"job", "scheduled_for", "status"},
-            if_not_exists=True,
-        )
-        db["webhook_events"].create(
-            {"id": str, "type": str, "payload": str, "created_at": str},
-            pk="id",
-            if_not_exists=True,
-        )
-        db["webhook_deliveries"].create(
-            {
-                "id": int,
-                "event_id": str,
-                "endpoint": str,
-                "attempt": int,
-                "status": str,
-                "response_code": int,
-                "next_attempt_at": str,
-                "last_error": str,
-                "delivered_at": str,
-                "created_at": str,
-                "replay_of": int,
-                "leased_by": int,
-                "lease_until": str,
-            },
-            pk="id",
-            foreign_keys=[("event_id", "webhook_events", "id")],
-            if_not_exists=True,
-        )
-        db["job_state"].create(
-            {"job": str, "paused": int, "last_slot": str, "updated_at": str}, pk="job", if_not_exists=True
-        )
-        db["job_attempts"].create(
-            {
-                "id": int,
-                "run_id": int,
-                "attempt": int,
-                "started_at": str,
-                "finished_at": str,
-                "status": str,
-                "exit_code": int,
-                "output": str,
-            },
-            pk="id",
-            if_not_exists=True,
-        )
-        db["webhook_endpoints"].create(
-            {"name": str, "url": str, "events": str, "max_attempts": int, "enabled": int, "disabled_reason": str},
-            pk="name",
-            if_not_exists=True,
-        )
-        db["job_runs"].create_index(["job", "scheduled_for"], unique=True, if_not_exists=True)
-        db["worker_events"].create_index(["ts"], if_not_exists=True)
-        db["webhook_deliveries"].create_index(["endpoint", "status", "next_attempt_at"], if_not_exists=True)
-        db["webhook_deliveries"].create_index(["event_id"], if_not_exists=True)
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        return _transaction(self.conn)
 
     # worker events
 
@@ -203,13 +389,21 @@ class Store:
     # jobs
 
     def claim_slot(
-        self, job: str, scheduled_for: str, trigger: str, primary_pid: int, overlap: str = "allow"
+        self,
+        job: str,
+        scheduled_for: str,
+        trigger: str,
+        primary_pid: int,
+        overlap: str = "allow",
+        finished: Collection[int] = (),
     ) -> tuple[str, int | None, list[int]]:
         """Claim one slot of a job: an insert under UNIQUE(job, scheduled_for), in one write transaction.
 
         Returns ("claimed", run_id, running_ids), ("skipped", run_id, running_ids) when overlap is
         "skip" and a run of the job is still going (on any primary), or ("lost", None, []) when
         another primary claimed the slot first. `running_ids` are the runs a "replace" must end.
+        `finished` are runs the caller knows have ended although their rows, not yet rewritten
+        (the store refused the write), still say `running`: they do not count as running.
         """
         now = self._now()
         with self.transaction():
@@ -218,6 +412,7 @@ class Store:
                 for row in self.conn.execute(
                     "SELECT id FROM job_runs WHERE job = ? AND status = 'running'", (job,)
                 ).fetchall()
+                if row[0] not in finished
             ]
             skip = overlap == "skip" and bool(running)
             try:
@@ -372,20 +567,8 @@ class Store:
     def sync_endpoints(self, endpoints: list[dict[str, Any]]) -> None:
         """Publish the configured endpoints (never their secrets) for `emit()` in any process to fan out to."""
         with self.transaction():
-            names = [e["name"] for e in endpoints]
-            self.conn.execute(
-                f"UPDATE webhook_endpoints SET enabled = 0, disabled_reason = 'removed from the config'"
-                f" WHERE name NOT IN ({','.join('?' * len(names))})",
-                names,
-            )
-            for e in endpoints:
-                self.conn.execute(
-                    "INSERT INTO webhook_endpoints (name, url, events, max_attempts, enabled, disabled_reason)"
-                    " VALUES (?, ?, ?, ?, 1, NULL) ON CONFLICT(name) DO UPDATE SET url = excluded.url,"
-                    " events = excluded.events, max_attempts = excluded.max_attempts, enabled = 1,"
-                    " disabled_reason = NULL",
-                    (e["name"], e["url"], json.dumps(e["events"]), e["max_attempts"]),
-                )
+            _write_endpoints(self.conn, endpoints)
+        self._published = list(endpoints)
 
     def disable_endpoint(self, name: str, reason: str) -> None:
         self.conn.execute(
@@ -568,6 +751,7 @@ class AsyncStore:
         self.store = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clusterctl-store")
         self.last_error: str | None = None
+        self._held: tuple[str, float] | None = None
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -579,11 +763,22 @@ class AsyncStore:
         def run() -> None:
             try:
                 fn(*args, **kwargs)
-                self.last_error = None
+                self.last_error = self._still_held()
             except (OSError, sqlite3.Error) as exc:
                 self.last_error = f"store {self.store.path}: {_reason(exc)}"
 
         self._executor.submit(run)
+
+    def report(self, message: str, hold: float = ERROR_HOLD_SECONDS) -> None:
+        """An error that stays in `last_error` for `hold` seconds even while writes succeed: one the
+        operator must see although the store works again (its file was replaced, history is gone)."""
+        self.last_error = message
+        self._held = (message, time.monotonic() + hold)
+
+    def _still_held(self) -> str | None:
+        if self._held is not None and time.monotonic() < self._held[1]:
+            return self._held[0]
+        return None
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
