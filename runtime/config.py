@@ -47,6 +47,7 @@ class ServerConfig:
     reload_batch: int = 1
     ready_timeout: float = 60.0
     keepalive_timeout: float = 5.0
+    header_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,7 @@ _SERVER = {
     "reload_batch",
     "ready_timeout",
     "keepalive_timeout",
+    "header_timeout",
 }
 _STORE = {"path", "keep_runs", "keep_days"}
 _JOB = {
@@ -297,6 +299,7 @@ def _server(s: _Section, overrides: dict[str, Any]) -> ServerConfig:
         reload_batch=s.number("reload_batch", 1, minimum=1, integer=True),
         ready_timeout=s.number("ready_timeout", 60.0, minimum=0.5),
         keepalive_timeout=s.number("keepalive_timeout", 5.0, minimum=0.1),
+        header_timeout=s.number("header_timeout", 10.0, minimum=0.1),
     )
 
 

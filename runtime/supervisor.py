@@ -288,6 +288,7 @@ class Supervisor:
             "channel_fd": theirs.fileno(),
             "heartbeat_interval": self.heartbeat_interval,
             "keepalive_timeout": self.server.keepalive_timeout,
+            "header_timeout": self.server.header_timeout,
             "graceful_timeout": self.server.graceful_timeout,
         }
         env = dict(os.environ)

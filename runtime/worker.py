@@ -10,9 +10,6 @@ that TCP_NODELAY is set on every accepted socket.
 Channel messages are JSON lines. Worker → primary: `boot` (app loaded, health
 socket open), `ready` (accepting), `hb` (heartbeat with cumulative counters),
 `fatal` (cannot start: the error). Primary → worker: `accept`, `drain`.
-
-`CLUSTERCTL_HEADER_TIMEOUT` (seconds, default `HEADER_TIMEOUT`) in the worker's
-environment sets how long a new connection may take to send its request head.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ import functools
 import importlib
 import inspect
 import json
-import math
 import os
 import resource
 import signal
@@ -49,14 +45,6 @@ from .channel import EXIT_BOOT_ERROR, EXIT_PRIMARY_GONE, SPEC_ENV, health_socket
 from .metrics import RequestCounters
 
 _PR_SET_PDEATHSIG = 1
-
-# A new connection that has not sent a complete request head by then is closed: otherwise idle
-# or trickling clients hold a file descriptor each for ever (uvicorn only times out a connection
-# between requests, never before its first). Not keepalive_timeout: operators raise that above a
-# load balancer's idle timeout, and that must not lift this guard too. A head takes well under a
-# second even on a slow link, so 10 s spares real clients and frees fds long before they run out.
-HEADER_TIMEOUT = 10.0
-HEADER_TIMEOUT_ENV = "CLUSTERCTL_HEADER_TIMEOUT"
 
 # accept() that fails for want of a resource fails again at once, and the listener stays readable:
 # stop reading it for a while (other workers take the connections meanwhile) instead of spinning.
@@ -205,7 +193,7 @@ class Acceptor:
         connections: Callable[[], int],
         board: ConnectionBoard | None = None,
         index: int = 0,
-        header_timeout: float = HEADER_TIMEOUT,
+        header_timeout: float = 10.0,
     ) -> None:
         self.sockets = sockets
         self.connections = connections
@@ -360,13 +348,11 @@ class Worker:
         spec: dict[str, Any],
         channel: socket.socket,
         listeners: dict[int, tuple[int, int]],
-        header_timeout: float,
     ) -> None:
         self.spec = spec
         self.interface = interface
         self.channel_sock = channel
         self.listener_ids = listeners
-        self.header_timeout = header_timeout
         self.http_protocol: type[asyncio.Protocol] | None = None
         self.counters = RequestCounters()
         self.app = MetricsMiddleware(app, self.counters, self)
@@ -432,7 +418,11 @@ class Worker:
             lambda: len(self.state.connections),
             board,
             self.spec.get("board_index", 0),
-            self.header_timeout,
+            # A new connection that has not sent a whole request head by then is closed: otherwise
+            # idle or trickling clients hold an fd each for ever (uvicorn times out a connection only
+            # between requests). Not keepalive_timeout: operators raise that above a load balancer's
+            # idle timeout, and that must not lift this guard too.
+            self.spec["header_timeout"],
         )
         health = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         health.bind(health_socket_name(int(os.environ["CLUSTERCTL_PRIMARY_PID"]), os.getpid()))
@@ -550,19 +540,6 @@ def _changed_listener(listeners: dict[int, tuple[int, int]]) -> str | None:
     return None
 
 
-def _header_timeout() -> float:
-    raw = os.environ.get(HEADER_TIMEOUT_ENV)
-    if raw is None:
-        return HEADER_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise AppLoadError(f"{HEADER_TIMEOUT_ENV} must be a positive number of seconds, not {raw!r}")
-    return value
-
-
 def _die_with_primary(primary_pid: int) -> None:
     """Ask the kernel to SIGKILL us when the primary dies, however it dies."""
     with contextlib.suppress(OSError, AttributeError):
@@ -584,7 +561,6 @@ def main() -> None:
     channel = socket.socket(fileno=spec["channel_fd"])
     listeners = _listener_ids(spec["listen_fds"])
     try:
-        header_timeout = _header_timeout()
         app, interface = load_app(spec["target"], spec["interface"])
     except AppLoadError as exc:
         line = json.dumps({"t": "fatal", "error": str(exc)}) + "\n"
@@ -592,7 +568,7 @@ def main() -> None:
             channel.sendall(line.encode())
         sys.exit(EXIT_BOOT_ERROR)
 
-    sys.exit(uvloop.run(Worker(app, interface, spec, channel, listeners, header_timeout).run()))
+    sys.exit(uvloop.run(Worker(app, interface, spec, channel, listeners).run()))
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def test_connections_that_send_no_request_head_are_closed(start_cluster, tmp_pat
     cluster = start_cluster(
         app="ws_app:app",
         workers=2,
-        env={"CLUSTERCTL_HEADER_TIMEOUT": "1", "TEST_SHUTDOWN_MARKER": str(tmp_path / "shutdown-pids")},
+        config="[server]\nheader_timeout = 1\n",
+        env={"TEST_SHUTDOWN_MARKER": str(tmp_path / "shutdown-pids")},
     )
     address = ("127.0.0.1", cluster.port)
     slow: list[int] = []
@@ -164,7 +165,7 @@ def test_connections_that_send_no_request_head_are_closed(start_cluster, tmp_pat
 
 
 def test_accept_backs_off_when_the_worker_runs_out_of_file_descriptors(start_cluster):
-    cluster = start_cluster(workers=1, env={"CLUSTERCTL_HEADER_TIMEOUT": "2"})
+    cluster = start_cluster(workers=1, config="[server]\nheader_timeout = 2\n")
     assert get(cluster.port)[0] == 200
     worker = psutil.Process(cluster.status()["workers"][0]["pid"])
     spare = 8
