@@ -10,16 +10,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
+import sqlite3
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import psutil
 
-from .config import ConfigError, Settings, load_settings, parse_workers
-from .control import ControlError, request, resolve_socket
+from .config import MAX_WORKERS, ConfigError, Settings, load_settings, parse_workers
+from .control import ControlError, Interrupted, NoPrimary, request, resolve_socket
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_NOT_RUNNING = 3  # LSB: a script can tell "down" from "broken"
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a writer killed by SIGPIPE, as `git log | head -1` is
 COMMANDS = {
     "up",
     "status",
@@ -107,8 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(args_list)
     try:
         code = _dispatch(args)
+        sys.stdout.flush()  # a reader that went away (`| head -1`) shows up here, not at interpreter exit
+    except BrokenPipeError:
+        # Quietly, like other tools in a pipeline; stdout goes to devnull so the exit flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
     except ConfigError as exc:
         _fail(str(exc))
+    except NoPrimary as exc:
+        _fail(str(exc), EXIT_NOT_RUNNING)
+    except Interrupted as exc:
+        _fail(str(exc), EXIT_FAILED)
     except ControlError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -116,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     print(f"clusterctl-tui: error: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -140,6 +156,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _up(settings, args.headless)
     if args.command == "check":
         settings = _settings(args)
+        _resolve_secrets(settings)
         source = settings.source or "no config file (the bundled demo)"
         print(
             f"config OK ({source}): app {settings.app.target}, bind {settings.server.bind}, "
@@ -151,25 +168,27 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _history(settings, args)
     if args.command == "webhooks":
         return _webhooks(settings, args)
+    scale = _scale_args(args.count) if args.command == "scale" else None  # bad input: 2 even with no primary
     path = resolve_socket(settings.store.path, args.socket)
     if args.command == "status":
         status = request(path, "status")
         print(json.dumps(status, indent=2) if args.json else _format_status(status))
         return 0
     if args.command == "scale":
-        text = args.count.strip()
-        if not text.lstrip("+-").isdigit():
-            _fail(f"scale: expected N, +K or -K, got {args.count!r}")
-        payload = {"delta": int(text)} if text[0] in "+-" else {"count": int(text)}
-        result = request(path, "scale", payload)
+        result = request(path, "scale", scale)
         print(f"desired workers: {result['desired_workers']}")
         return 0
     if args.command == "reload":
         try:
             result = request(path, "reload", timeout=None)
+        except NoPrimary:
+            raise
+        except Interrupted as exc:
+            print(f"clusterctl-tui: reload interrupted: {exc}", file=sys.stderr)
+            return EXIT_FAILED
         except ControlError as exc:
             print(f"clusterctl-tui: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
         print(f"reloaded: generation {result['generation']}")
         return 0
     if args.command == "kill":
@@ -197,14 +216,58 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def _read_runs(settings: Settings, **filters: Any) -> list[dict[str, Any]]:
-    import sqlite3
+def _resolve_secrets(settings: Settings) -> None:
+    """Every webhook secret, resolved as `up` resolves it; the message names the reference, never the value."""
+    from .demo import with_demo_extras
+    from .outbox import SecretError, resolve_secret
 
+    for hook in with_demo_extras(settings).webhooks:
+        try:
+            resolve_secret(hook.secret, hook.name)
+        except SecretError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _scale_args(text: str) -> dict[str, int]:
+    """`N` → a count, `+K`/`-K` → a delta; refused here when no cluster could take it."""
+    match = re.fullmatch(r"([+-]?)([0-9]+)", text.strip())
+    if match is None:
+        _fail(f"scale: expected N, +K or -K (whole numbers), got {text!r}")
+    sign, digits = match.groups()
+    digits = digits.lstrip("0") or "0"
+    # More digits than any count has is out of range; int() would refuse thousands of them.
+    number = int(digits) if len(digits) <= len(str(MAX_WORKERS)) else MAX_WORKERS + 1
+    if sign:
+        if number >= MAX_WORKERS:
+            _fail(f"scale: {text.strip()} would leave the range 1..{MAX_WORKERS} workers")
+        return {"delta": -number if sign == "-" else number}
+    if not 1 <= number <= MAX_WORKERS:
+        _fail(f"scale: expected a worker count from 1 to {MAX_WORKERS}, got {digits}")
+    return {"count": number}
+
+
+def _check_store_path(path: Path) -> None:
+    """Refuse, naming the path, what cannot be a store, before SQLite says something vaguer (or creates one)."""
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:  # is_dir() is False for a missing path, and raises for one we may not look at
+        raise ConfigError(f"cannot read store {path}: {exc.strerror or exc}") from None
+    if is_dir:
+        raise ConfigError(f"store {path} is a directory, not a SQLite database")
+    if not path.exists():
+        raise ConfigError(f"no store at {path} (has a primary ever run here?)")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"cannot read store {path}: permission denied")
+
+
+def _read_runs(settings: Settings, **filters: Any) -> list[dict[str, Any]]:
     from .store import connect
 
-    if not settings.store.path.exists():
-        raise ConfigError(f"no store at {settings.store.path} (has a primary ever run here?)")
-    conn = connect(settings.store.path)
+    _check_store_path(settings.store.path)
+    try:
+        conn = connect(settings.store.path)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot read store {settings.store.path}: {exc}") from None
     conn.row_factory = sqlite3.Row
     try:
         if "run_id" in filters:
@@ -224,8 +287,7 @@ def _read_runs(settings: Settings, **filters: Any) -> list[dict[str, Any]]:
 def _open_store(settings: Settings) -> Any:
     from .store import Store, StoreError
 
-    if not settings.store.path.exists():
-        raise ConfigError(f"no store at {settings.store.path} (has a primary ever run here?)")
+    _check_store_path(settings.store.path)
     try:
         return Store(settings.store.path)
     except StoreError as exc:
@@ -250,6 +312,8 @@ def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
             print(f"queued {len(ids)} deliveries again (same webhook-id, new signature): {', '.join(map(str, ids))}")
             return 0
         deliveries = store.deliveries(limit=args.limit, endpoint=args.endpoint)
+    except sqlite3.Error as exc:  # a SQLite file of some other program's
+        raise ConfigError(f"cannot read store {settings.store.path}: {exc}") from None
     finally:
         store.close()
     if args.json:

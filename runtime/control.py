@@ -3,18 +3,25 @@
 Each primary listens on `<store>.<pid>.sock` beside its store (mode 0600, and
 peers of another uid are refused by SO_PEERCRED), so two primaries can share
 one store. The protocol is one JSON line each way:
-`{"cmd": "scale", "args": {"count": 3}}` → `{"ok": true, "result": ...}`.
+`{"cmd": "scale", "args": {"count": 3}}` → `{"ok": true, "result": ...}`, or
+`{"ok": false, "error": "...", "interrupted": true}` when the primary stopped
+before it could answer. Every request gets exactly one answer line, whatever
+the client sends; encoding and decoding of both lines live here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
+import logging
+import math
 import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +29,26 @@ from .processes import pid_alive
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
+MAX_REQUEST = 64 * 1024  # bytes in one request line; real ones are under 200
+READ_TIMEOUT = 5.0  # seconds a client has to send its request line before it is dropped
+WRITE_TIMEOUT = 30.0  # seconds a client has to take its answer (a status can be a few hundred KiB)
+MAX_CONNECTIONS = 32  # served at once; a reload or `run-job --wait` holds one for minutes
+ACCEPT_RETRY = 0.5  # seconds between accept attempts while the process is out of fds or memory
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+logger = logging.getLogger(__name__)
+
 
 class ControlError(Exception):
     """A control command failed; the message is for the operator."""
+
+
+class NoPrimary(ControlError):
+    """No primary runs for this store or at this socket (the CLI exits 3, as LSB wants)."""
+
+
+class Interrupted(ControlError):
+    """The primary stopped, or went away, before it answered."""
 
 
 def socket_path(store_path: Path, pid: int) -> Path:
@@ -51,18 +75,101 @@ def resolve_socket(store_path: Path, explicit: str | None) -> Path:
         return Path(explicit)
     found = live_sockets(store_path)
     if not found:
-        raise ControlError(f"no running primary for store {store_path} (start one with: clusterctl-tui up)")
+        raise NoPrimary(f"no running primary for store {store_path} (start one with: clusterctl-tui up)")
     if len(found) > 1:
         names = ", ".join(str(p) for p in found)
         raise ControlError(f"{len(found)} primaries share store {store_path}; pick one with --socket: {names}")
     return found[0]
 
 
+# ------------------------------------------------------------------ the wire format
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps({"cmd": self.cmd, "args": self.args}).encode() + b"\n"
+
+    @classmethod
+    def decode(cls, line: bytes) -> Request:
+        """ValueError, with a reason for the client, for anything but a well-formed request."""
+        try:
+            message = json.loads(line, parse_constant=_refuse_constant, parse_float=_finite_float)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+        if not isinstance(message, dict):
+            raise ValueError("expected a JSON object")
+        cmd = message.get("cmd")
+        if not isinstance(cmd, str) or not cmd:
+            raise ValueError('"cmd" must be a non-empty string')
+        args = message.get("args")
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise ValueError('"args" must be an object')
+        return cls(cmd, args)
+
+
+def _refuse_constant(name: str) -> float:
+    # Python's json takes NaN and Infinity, which no count or id can be: int(inf) raises OverflowError.
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf without passing through parse_constant
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def _answer(result: Any) -> bytes:
+    return json.dumps({"ok": True, "result": result}).encode() + b"\n"
+
+
+def _refusal(message: str, interrupted: bool = False) -> bytes:
+    reply: dict[str, Any] = {"ok": False, "error": message}
+    if interrupted:
+        reply["interrupted"] = True
+    return json.dumps(reply).encode() + b"\n"
+
+
+def _internal_error(exc: Exception) -> bytes:
+    return _refusal(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _decode_reply(data: bytes, path: Path) -> Any:
+    if not data.endswith(b"\n"):
+        how = "without answering" if not data else "in the middle of its answer"
+        raise Interrupted(f"the primary at {path} closed the connection {how}")
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise ControlError(f"the primary at {path} sent an answer that is not a JSON object")
+    if not reply.get("ok"):
+        kind = Interrupted if reply.get("interrupted") else ControlError
+        raise kind(str(reply.get("error") or "unknown error"))
+    return reply.get("result")
+
+
+class _TooLong(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ the server
+
+
 class ControlServer:
     def __init__(self, path: Path, handler: Handler) -> None:
         self.path = path
         self.handler = handler
-        self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -79,71 +186,168 @@ class ControlServer:
         os.chmod(self.path, 0o600)
         sock.listen(64)
         sock.setblocking(False)
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=1 << 20)
+        self._sock = sock
+        self._accepting = asyncio.get_running_loop().create_task(self._accept())
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        """Stop accepting; a command still running (a reload) is told that the primary is stopping."""
+        tasks = [*self._connections, *([self._accepting] if self._accepting else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._accepting = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self) -> None:
+        # Our own loop rather than asyncio's server: that one logs a traceback for every failed
+        # accept, and out of fds every accept fails. Here an episode is one line and a slow retry.
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        starved = False
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    continue  # that one client gave up (ECONNABORTED and the like)
+                if not starved:
+                    logger.warning(
+                        "clusterctl-tui: control socket %s: cannot accept connections (%s); retrying every %gs",
+                        self.path,
+                        exc.strerror or exc,
+                        ACCEPT_RETRY,
+                    )
+                starved = True
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
+            starved = False
+            if len(self._connections) >= MAX_CONNECTIONS:
+                _send_now(conn, _refusal(f"busy: {MAX_CONNECTIONS} control connections are open; try again"))
+                conn.close()
+                continue
+            task = loop.create_task(self._serve(conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        with conn:
+            try:
+                reply = await self._reply(conn)
+            except asyncio.CancelledError:
+                _send_now(conn, _refusal("the primary is stopping", interrupted=True))
+                raise
+            except OSError:
+                return  # the client went away while we read
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await loop.sock_sendall(conn, reply)
+
+    async def _reply(self, conn: socket.socket) -> bytes:
+        if not _same_user(conn):
+            return _refusal("permission denied: not the primary's user")
         try:
-            if not _same_user(writer.get_extra_info("socket")):
-                reply: dict[str, Any] = {"ok": False, "error": "permission denied: not the primary's user"}
-            else:
-                line = await reader.readline()
-                try:
-                    request = json.loads(line)
-                    result = await self.handler(str(request["cmd"]), dict(request.get("args") or {}))
-                    reply = {"ok": True, "result": result}
-                except ControlError as exc:
-                    reply = {"ok": False, "error": str(exc)}
-                except (ValueError, KeyError, TypeError) as exc:
-                    reply = {"ok": False, "error": f"bad request: {exc}"}
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+            async with asyncio.timeout(READ_TIMEOUT):
+                line = await _read_line(conn)
+        except TimeoutError:
+            return _refusal(f"bad request: no request within {READ_TIMEOUT:g}s")
+        except _TooLong:
+            return _refusal("bad request: request too long")
+        try:
+            request = Request.decode(line)
+        except ValueError as exc:
+            return _refusal(f"bad request: {exc}")
+        try:
+            result = await self.handler(request.cmd, request.args)
+        except ControlError as exc:
+            return _refusal(str(exc))
+        except KeyError as exc:
+            return _refusal(f"bad request: missing argument {exc}")
+        except (ValueError, TypeError) as exc:  # the handler could not use an argument
+            return _refusal(f"bad request: {exc}")
+        except Exception as exc:  # a bug in one command must not stop the primary answering the next
+            return _internal_error(exc)
+        try:
+            return _answer(result)
+        except (TypeError, ValueError) as exc:  # a result JSON cannot carry is our bug, not the client's
+            return _internal_error(exc)
 
 
-def _same_user(sock: socket.socket | None) -> bool:
-    if sock is None:
-        return False
+async def _read_line(conn: socket.socket) -> bytes:
+    """The request line (without its newline); _TooLong past MAX_REQUEST bytes."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while b"\n" not in data:
+        if len(data) > MAX_REQUEST:
+            raise _TooLong
+        chunk = await loop.sock_recv(conn, 65536)
+        if not chunk:
+            break  # a client may half-close instead of sending the newline
+        data += chunk
+    line = data.partition(b"\n")[0]
+    if len(line) > MAX_REQUEST:
+        raise _TooLong
+    return line
+
+
+def _send_now(conn: socket.socket, data: bytes) -> None:
+    """A short last word without waiting: fits in the socket buffer, and a gone client is no error."""
+    with contextlib.suppress(OSError):
+        conn.send(data)
+
+
+def _same_user(sock: socket.socket) -> bool:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid == os.getuid()
 
 
+# ------------------------------------------------------------------ the client
+
+
 def request(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = 10.0) -> Any:
-    """Send one command and return its result; ControlError with the primary's message on failure."""
+    """Send one command and return its result.
+
+    ControlError with the primary's message on failure; NoPrimary when nothing listens at `path`;
+    Interrupted when the connection ends before the answer.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
-        sock.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        # A server that turns us away (busy) may close before we finish sending; its reason is still readable.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(Request(cmd, args or {}).encode())
+        data = _read_reply(sock)
     except FileNotFoundError:
-        raise ControlError(f"no control socket at {path}") from None
+        raise NoPrimary(f"no primary is running at {path} (no such socket)") from None
     except ConnectionRefusedError:
-        raise ControlError(f"the primary at {path} is not answering (stale socket?)") from None
+        raise NoPrimary(f"no primary is listening at {path} (a stale socket?)") from None
     except TimeoutError:
         raise ControlError(f"the primary at {path} did not answer within {timeout:g}s") from None
     except PermissionError:
         raise ControlError(f"permission denied on {path}: run as the primary's user") from None
+    except OSError as exc:
+        raise ControlError(f"cannot talk to the primary at {path}: {exc.strerror or exc}") from None
     finally:
         sock.close()
-    if not data:
-        raise ControlError(f"the primary at {path} closed the connection without answering")
-    reply = json.loads(data)
-    if not reply.get("ok"):
-        raise ControlError(reply.get("error", "unknown error"))
-    return reply.get("result")
+    return _decode_reply(data, path)
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            # A server that closes with our request unread (busy, too long) resets the connection,
+            # but only after its answer, which we have read by then.
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
