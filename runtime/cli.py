@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import sqlite3
 import sys
 import time
@@ -346,6 +347,8 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _up(settings: Settings, headless: bool) -> int:
+    # Until the primary installs its handlers, a HUP (`systemctl reload` during a deploy) must not kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not headless:
         try:
             from console.app import run_console
