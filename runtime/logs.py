@@ -102,7 +102,9 @@ class WorkerLogs:
                 batch, self._pending, self._pending_bytes = self._pending, [], 0
                 dropped, self._dropped_unreported = self._dropped_unreported, 0
             if dropped:
-                batch.append(f"{self._now()} clusterctl: {dropped} worker output lines dropped (the disk fell behind)\n")
+                batch.append(
+                    f"{self._now()} clusterctl: {dropped} worker output lines dropped (the disk fell behind)\n"
+                )
             if batch:
                 self._file.write("".join(batch))
             if closing:

@@ -250,6 +250,7 @@ def test_status_reports_rates_and_latency_under_load(start_cluster):
     from conftest import Load
 
     cluster = start_cluster(workers=2)
+
     def measured():
         s = cluster.status()
         sampled = all(w["rss_bytes"] for w in s["workers"])  # psutil samples once a second
