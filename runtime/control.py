@@ -20,7 +20,7 @@ import math
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,10 @@ from .processes import pid_alive
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 MAX_REQUEST = 64 * 1024  # bytes in one request line; real ones are under 200
+MAX_FEED_LINE = 16 * 1024 * 1024  # a snapshot of 256 workers with their histories is well under this
 READ_TIMEOUT = 5.0  # seconds a client has to send its request line before it is dropped
 WRITE_TIMEOUT = 30.0  # seconds a client has to take its answer (a status can be a few hundred KiB)
+FEED_WRITE_TIMEOUT = 10.0  # seconds a feed's reader may fall behind before it is dropped
 MAX_CONNECTIONS = 32  # served at once; a reload or `run-job --wait` holds one for minutes
 ACCEPT_RETRY = 0.5  # seconds between accept attempts while the process is out of fds or memory
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -160,6 +162,22 @@ class _TooLong(Exception):
     pass
 
 
+class Feed:
+    """An answer that goes on: after the `ok` line, every line `lines` yields, until either side stops.
+
+    The producer decides the pace and what to drop; the server only writes, and drops a reader
+    that stops taking lines for FEED_WRITE_TIMEOUT. `farewell` is the last line sent when the
+    primary stops the feed itself; `close` runs however the feed ends.
+    """
+
+    def __init__(
+        self, lines: AsyncIterator[bytes], farewell: bytes = b"", close: Callable[[], None] | None = None
+    ) -> None:
+        self.lines = lines
+        self.farewell = farewell
+        self.close = close or (lambda: None)
+
+
 # ------------------------------------------------------------------ the server
 
 
@@ -243,11 +261,21 @@ class ControlServer:
                 raise
             except OSError:
                 return  # the client went away while we read
-            with contextlib.suppress(OSError, TimeoutError):
+            feed = None
+            if isinstance(reply, Feed):
+                feed, reply = reply, _answer({"feed": True})
+            try:
                 async with asyncio.timeout(WRITE_TIMEOUT):
                     await loop.sock_sendall(conn, reply)
+                if feed is not None:
+                    await _stream(conn, feed)
+            except (OSError, TimeoutError):
+                pass  # the client left, or stopped reading
+            finally:
+                if feed is not None:
+                    feed.close()
 
-    async def _reply(self, conn: socket.socket) -> bytes:
+    async def _reply(self, conn: socket.socket) -> bytes | Feed:
         if not _same_user(conn):
             return _refusal("permission denied: not the primary's user")
         try:
@@ -271,10 +299,23 @@ class ControlServer:
             return _refusal(f"bad request: {exc}")
         except Exception as exc:  # a bug in one command must not stop the primary answering the next
             return _internal_error(exc)
+        if isinstance(result, Feed):
+            return result
         try:
             return _answer(result)
         except (TypeError, ValueError) as exc:  # a result JSON cannot carry is our bug, not the client's
             return _internal_error(exc)
+
+
+async def _stream(conn: socket.socket, feed: Feed) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        async for line in feed.lines:
+            async with asyncio.timeout(FEED_WRITE_TIMEOUT):
+                await loop.sock_sendall(conn, line)
+    except asyncio.CancelledError:
+        _send_now(conn, feed.farewell)
+        raise
 
 
 async def _read_line(conn: socket.socket) -> bytes:
@@ -318,24 +359,52 @@ def request(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: f
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(str(path))
-        # A server that turns us away (busy) may close before we finish sending; its reason is still readable.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(Request(cmd, args or {}).encode())
-        data = _read_reply(sock)
+        with _talking_to(path, timeout):
+            sock.connect(str(path))
+            # A server that turns us away (busy) may close before we finish sending; its reason is still readable.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(Request(cmd, args or {}).encode())
+            data = _read_reply(sock)
+    finally:
+        sock.close()
+    return _decode_reply(data, path)
+
+
+@contextlib.contextmanager
+def _talking_to(path: Path, timeout: float | None) -> Iterator[None]:
+    """What went wrong reaching the primary at `path`, as one ControlError (NoPrimary: nothing there)."""
+    try:
+        yield
     except FileNotFoundError:
         raise NoPrimary(f"no primary is running at {path} (no such socket)") from None
     except ConnectionRefusedError:
         raise NoPrimary(f"no primary is listening at {path} (a stale socket?)") from None
     except TimeoutError:
-        raise ControlError(f"the primary at {path} did not answer within {timeout:g}s") from None
+        raise ControlError(f"the primary at {path} did not answer within {timeout or 0:g}s") from None
     except PermissionError:
         raise ControlError(f"permission denied on {path}: run as the primary's user") from None
     except OSError as exc:
         raise ControlError(f"cannot talk to the primary at {path}: {exc.strerror or exc}") from None
-    finally:
-        sock.close()
-    return _decode_reply(data, path)
+
+
+async def open_feed(
+    path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: float = 10.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Start a feed command; returns the connection, positioned after the `ok` line (the feed's lines follow).
+
+    The same errors as `request`. Close the writer to end the feed.
+    """
+    with _talking_to(path, timeout):
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_FEED_LINE)
+            writer.write(Request(cmd, args or {}).encode())
+            first = await reader.readline()
+    try:
+        _decode_reply(first, path)
+    except ControlError:
+        writer.close()
+        raise
+    return reader, writer
 
 
 def _read_reply(sock: socket.socket) -> bytes:

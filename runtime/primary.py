@@ -15,25 +15,31 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psutil
 
+from . import wire
 from .config import MAX_WORKERS, Settings
-from .control import ControlError, ControlServer, socket_path
-from .events import EventBus
+from .control import ControlError, ControlServer, Feed, socket_path
+from .events import Event, EventBus
 from .listeners import BindError, Listener, bind
 from .logs import LogLine, WorkerLogs
 from .metrics import HISTORY, percentile
 from .outbox import SecretError, resolve_secret
 from .scheduler import Scheduler
-from .snapshot import ClusterSnapshot
+from .snapshot import ClusterSnapshot, Delivery, JobRun
 from .store import AsyncStore, Store, StoreError, utc_now_iso
 from .supervisor import BootError, ReloadFailed, ReloadInterrupted, Supervisor
 from .webhooks import WebhookRunner
 
 HOUSEKEEPING_INTERVAL = 1.0
+FEED_INTERVAL = 0.1  # seconds between sends of an attached console's events and output
+FEED_SNAPSHOT_INTERVAL = 1.0
+FEED_EVENTS = 1000  # buffered per attached console; a reader that falls further behind loses the oldest
+FEED_LINES = 5000
+FEED_TAIL = 40  # lines of each worker's output sent when a console attaches
 PRUNE_EVERY = 3600.0
 
 
@@ -286,15 +292,15 @@ class Primary:
         assert self.store is not None
         return await self.store.call(self.store.store.replay, delivery_id=delivery_id)
 
-    async def job_history(
-        self, job: str | None = None, status: str | None = None, limit: int = 100
-    ) -> list[dict[str, Any]]:
+    async def job_history(self, job: str | None = None, status: str | None = None, limit: int = 100) -> list[JobRun]:
         assert self.store is not None
-        return await self.store.call(self.store.store.job_history, job, status, limit)
+        rows = await self.store.call(self.store.store.job_history, job, status, limit)
+        return [JobRun(**row) for row in rows]
 
-    async def deliveries(self, limit: int = 100) -> list[dict[str, Any]]:
+    async def deliveries(self, limit: int = 100) -> list[Delivery]:
         assert self.store is not None
-        return await self.store.call(self.store.store.deliveries, limit)
+        rows = await self.store.call(self.store.store.deliveries, limit)
+        return [Delivery(**row) for row in rows]
 
     async def endpoint_queues(self) -> dict[str, dict[str, int]]:
         """Per endpoint: deliveries by status, from the store."""
@@ -388,8 +394,12 @@ class Primary:
     # ------------------------------------------------------------------ control socket
 
     async def _handle(self, cmd: str, args: dict[str, Any]) -> Any:
+        if self.supervisor is None:
+            raise ControlError("the primary is still starting; try again in a moment")
         if cmd == "status":
             return self.snapshot().to_status()
+        if cmd == "subscribe":
+            return self._feed()
         if cmd == "scale":
             try:
                 if "delta" in args:
@@ -429,6 +439,40 @@ class Primary:
             self.request_stop()
             return {"stopping": True, "pid": self.pid}
         raise ControlError(f"unknown command {cmd!r}")
+
+    def _feed(self) -> Feed:
+        """The live feed of an attached console: what it missed first, then snapshots, events and output.
+
+        Producers only append to this reader's bounded buffers (a slow reader loses the oldest),
+        and one loop here sends them at its own pace: the supervising loop never waits on a reader.
+        """
+        events: deque[Event] = deque(self.events.recent, maxlen=FEED_EVENTS)
+        lines: deque[LogLine] = deque(maxlen=FEED_LINES)
+        assert self.logs is not None
+        for worker_id in sorted(self.logs.tails):
+            lines.extend(self.logs.tail(worker_id, FEED_TAIL))
+        unsubscribe_events = self.events.subscribe(events.append)
+        unsubscribe_logs = self.subscribe_logs(lines.extend)
+
+        async def feed() -> AsyncIterator[bytes]:
+            snapshot_due = 0.0
+            while True:
+                now = time.monotonic()
+                if now >= snapshot_due:
+                    snapshot_due = now + FEED_SNAPSHOT_INTERVAL
+                    yield wire.message(wire.SNAPSHOT, self.snapshot())
+                for kind, buffer in ((wire.EVENTS, events), (wire.LOGS, lines)):
+                    if buffer:
+                        batch = list(buffer)
+                        buffer.clear()
+                        yield wire.message(kind, batch)
+                await asyncio.sleep(FEED_INTERVAL)
+
+        def close() -> None:
+            unsubscribe_events()
+            unsubscribe_logs()
+
+        return Feed(feed(), wire.message(wire.BYE, "the primary is stopping"), close)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
