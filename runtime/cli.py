@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 import psutil
 
+from .commands import COMMANDS, whole
 from .config import MAX_WORKERS, ConfigError, Settings, load_settings, parse_workers
 from .control import ControlError, Interrupted, NoPrimary, request, resolve_socket
 
@@ -28,20 +29,8 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_NOT_RUNNING = 3  # LSB: a script can tell "down" from "broken"
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a writer killed by SIGPIPE, as `git log | head -1` is
-COMMANDS = {
-    "up",
-    "status",
-    "scale",
-    "reload",
-    "stop",
-    "kill",
-    "check",
-    "run-job",
-    "pause-job",
-    "resume-job",
-    "history",
-    "webhooks",
-}
+# The primary's commands (runtime.commands) plus those that need no primary.
+CLI_COMMANDS = {name for name, command in COMMANDS.items() if command.cli} | {"up", "check", "history", "webhooks", "logs"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,19 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--bind", metavar="ADDR", help="HOST:PORT or unix:/path")
     up.add_argument("--workers", metavar="N", help='number of workers, or "auto" (usable CPUs)')
 
-    status = control("status", "show the running cluster")
-    status.add_argument("--json", action="store_true", help="print the status object as JSON")
-    scale = control("scale", "set the worker count: N, +K or -K")
-    scale.add_argument("count", metavar="N|+K|-K")
-    control("reload", "rolling restart; exits non-zero if it rolled back")
-    control("stop", "graceful shutdown of the whole cluster")
-    kill = control("kill", "SIGKILL one worker (it is replaced)")
-    kill.add_argument("worker", type=int, metavar="WORKER_ID")
-    run_job = control("run-job", "run a job now (recorded as a manual run)")
-    run_job.add_argument("job", metavar="NAME")
-    run_job.add_argument("--wait", action="store_true", help="wait for the run; exit 0 only if it succeeded")
-    control("pause-job", "pause a job's schedule (persisted)").add_argument("job", metavar="NAME")
-    control("resume-job", "resume a paused job's schedule").add_argument("job", metavar="NAME")
+    commands = {}
+    for command in COMMANDS.values():
+        if command.cli:
+            commands[command.name] = p = control(command.name, command.help)
+            if command.name != "scale":  # one argument, N|+K|-K, for two on the wire
+                for arg in command.args:
+                    p.add_argument(
+                        arg.name, type=int if arg.check is whole else str, metavar=arg.name.upper(), help=arg.help
+                    )
+    commands["status"].add_argument("--json", action="store_true", help="print the status object as JSON")
+    commands["scale"].add_argument("count", metavar="N|+K|-K")
+    commands["run-job"].add_argument(
+        "--wait", action="store_true", help="wait for the run; exit 0 only if it succeeded"
+    )
     history = with_config(sub.add_parser("history", help="job runs, read from the store (no primary needed)"))
     history.add_argument("--job", metavar="NAME", help="only this job")
     history.add_argument("--status", help="only runs with this status")
@@ -105,12 +95,16 @@ def _parser() -> argparse.ArgumentParser:
         "--status", action="append", choices=("dead", "failed", "delivered"), help="which deliveries (default: all)"
     )
     with_config(sub.add_parser("check", help="validate the config and exit"))
+    logs = with_config(sub.add_parser("logs", help="the workers' output lines, read from logs/workers.log"))
+    logs.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="print the last N lines (default 50)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing lines as they come, until Ctrl+C")
+    logs.add_argument("--worker", type=int, metavar="ID", help="only this worker slot")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or (args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help")):
+    if not args_list or (args_list[0] not in CLI_COMMANDS and args_list[0] not in ("-h", "--help")):
         args_list.insert(0, "up")
     args = _parser().parse_args(args_list)
     try:
@@ -165,6 +159,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     settings = _settings(args)
+    if args.command == "logs":
+        from .logfiles import run_logs
+
+        return run_logs(settings.store.path, args.lines, args.follow, args.worker)
     if args.command == "history":
         return _history(settings, args)
     if args.command == "webhooks":
@@ -176,8 +174,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2) if args.json else _format_status(status))
         return 0
     if args.command == "scale":
-        result = request(path, "scale", scale)
-        print(f"desired workers: {result['desired_workers']}")
+        print(COMMANDS["scale"].report(request(path, "scale", scale)))
         return 0
     if args.command == "reload":
         try:
@@ -190,31 +187,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         except ControlError as exc:
             print(f"clusterctl-tui: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        print(f"reloaded: generation {result['generation']}")
+        print(COMMANDS["reload"].report(result))
         return 0
-    if args.command == "kill":
-        result = request(path, "kill", {"worker": args.worker})
-        print(f"killed worker {args.worker} (pid {result['pid']})")
-        return 0
-    if args.command == "run-job":
-        run_id = request(path, "run-job", {"job": args.job})["run_id"]
-        print(f"started run {run_id} of {args.job}")
-        if not args.wait:
-            return 0
+    command = COMMANDS[args.command]
+    result = request(path, command.name, {arg.name: getattr(args, arg.name) for arg in command.args})
+    if args.command == "stop":
+        return _wait_gone(int(result["pid"]), settings.server.graceful_timeout + 15)
+    print(command.report(result))
+    if args.command == "run-job" and args.wait:
+        run_id = result["run_id"]
         request(path, "wait-run", {"job": args.job, "run_id": run_id}, timeout=None)
         run = _read_runs(settings, run_id=run_id)[0]
         print(
             f"run {run_id}: {run['status']}" + ("" if run["exit_code"] is None else f" (exit code {run['exit_code']})")
         )
         return 0 if run["status"] == "succeeded" else 1
-    if args.command in ("pause-job", "resume-job"):
-        result = request(path, args.command, {"job": args.job})
-        print(f"{args.job}: {'paused' if result['paused'] else 'resumed'}")
-        return 0
-    if args.command == "stop":
-        result = request(path, "stop")
-        return _wait_gone(int(result["pid"]), settings.server.graceful_timeout + 15)
-    raise AssertionError(args.command)
+    return 0
 
 
 def _resolve_secrets(settings: Settings) -> None:

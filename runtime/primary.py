@@ -20,8 +20,8 @@ from typing import Any
 
 import psutil
 
-from . import wire
-from .config import MAX_WORKERS, Settings
+from . import commands, wire
+from .config import Settings
 from .control import ControlError, ControlServer, Feed, socket_path
 from .events import Event, EventBus
 from .listeners import BindError, Listener, bind
@@ -31,7 +31,7 @@ from .outbox import SecretError, resolve_secret
 from .scheduler import Scheduler
 from .snapshot import ClusterSnapshot, Delivery, JobRun
 from .store import AsyncStore, Store, StoreError, utc_now_iso
-from .supervisor import BootError, ReloadFailed, ReloadInterrupted, Supervisor
+from .supervisor import BootError, ReloadInterrupted, Supervisor
 from .webhooks import WebhookRunner
 
 HOUSEKEEPING_INTERVAL = 1.0
@@ -58,6 +58,7 @@ class Primary:
         self.started_at = ""
         self.store: AsyncStore | None = None
         self.logs: WorkerLogs | None = None
+        self.echo: int | None = None  # a descriptor that also gets every worker line (headless: stderr)
         self.listener: Listener | None = None
         self.control: ControlServer | None = None
         self.supervisor: Supervisor | None = None
@@ -122,7 +123,7 @@ class Primary:
         self.webhooks = WebhookRunner(settings.webhooks, self.store, self.events, self.pid)
         _withhold_secrets(settings)
         try:
-            self.logs = WorkerLogs(store_path.parent / "logs")
+            self.logs = WorkerLogs(store_path.parent / "logs", echo=self.echo)
         except OSError as exc:
             raise StartupError(f"cannot write logs beside the store: {exc.strerror or exc}") from None
         self.control = ControlServer(socket_path(store_path, self.pid), self._handle)
@@ -215,16 +216,24 @@ class Primary:
                 f"before_start {' '.join(argv)!r} failed with exit code {proc.returncode}{last}; no worker started"
             )
 
-    def _on_hangup(self) -> None:
-        if self.console and not _have_terminal():
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP and self.console and not _have_terminal():
+            # Under the console, SIGHUP is also how the kernel says the terminal went away.
             self.events.publish("cluster.hangup", "the console's terminal went away: stopping")
             self.request_stop()
             return
-        if not self.running:
-            # The workers being started already run the current code: nothing to reload.
-            self.events.publish("cluster.hangup", "SIGHUP during start-up or shutdown: ignored")
+        cmd, args = commands.SIGNALS[sig]
+        if cmd != "stop" and not self.running:
+            # The workers being started already run the current code and count.
+            self.events.publish("cluster.signal", f"{sig.name} during start-up or shutdown: ignored")
             return
-        self._spawn(self._reload_quietly())
+        self._spawn(self._signalled(sig, cmd, args))
+
+    async def _signalled(self, sig: signal.Signals, cmd: str, args: dict[str, Any]) -> None:
+        try:
+            await commands.dispatch(self, cmd, args)
+        except (ControlError, ValueError) as exc:
+            self.events.publish("cluster.signal", f"{sig.name}: {exc}")
 
     def primary_env(self) -> dict[str, str]:
         """The environment of the primary's own child processes (before_start, jobs)."""
@@ -236,16 +245,9 @@ class Primary:
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
-        handlers = {
-            signal.SIGHUP: self._on_hangup,
-            signal.SIGTTIN: lambda: self.scale_by(1) if self.running and self.desired_workers < MAX_WORKERS else None,
-            signal.SIGTTOU: lambda: self.scale_by(-1) if self.running and self.desired_workers > 1 else None,
-            signal.SIGTERM: self.request_stop,
-            signal.SIGINT: self.request_stop,
-        }
-        for sig, handler in handlers.items():
+        for sig in commands.SIGNALS:
             try:
-                loop.add_signal_handler(sig, handler)
+                loop.add_signal_handler(sig, self._on_signal, sig)
             except (RuntimeError, ValueError, NotImplementedError):  # not the main thread
                 continue
             self._signals.append(sig)
@@ -307,17 +309,13 @@ class Primary:
         assert self.store is not None
         return await self.store.call(self.store.store.endpoint_counts)
 
-    def subscribe_logs(self, callback: Callable[[LogLine], None]) -> None:
-        """Every line a worker writes, as it arrives (the console's log view)."""
+    def subscribe_logs(self, callback: Callable[[list[LogLine]], None]) -> Callable[[], None]:
+        """The lines workers write, in batches on the loop (the console's log view); returns the unsubscribe."""
         assert self.logs is not None
-        self.logs.subscribers.append(callback)
+        return self.logs.subscribe(callback)
 
     def worker_tail(self, worker_id: int, limit: int = 20) -> list[LogLine]:
         return self.logs.tail(worker_id, limit) if self.logs else []
-
-    async def _reload_quietly(self) -> None:
-        with contextlib.suppress(ReloadFailed):
-            await self.reload()
 
     # ------------------------------------------------------------------ observation
 
@@ -394,53 +392,11 @@ class Primary:
     # ------------------------------------------------------------------ control socket
 
     async def _handle(self, cmd: str, args: dict[str, Any]) -> Any:
-        if self.supervisor is None:
+        if self.supervisor is None and cmd != "stop":
             raise ControlError("the primary is still starting; try again in a moment")
-        if cmd == "status":
-            return self.snapshot().to_status()
-        if cmd == "subscribe":
-            return self._feed()
-        if cmd == "scale":
-            try:
-                if "delta" in args:
-                    count = self.scale_by(_whole(args["delta"]))
-                else:
-                    count = self.scale(_whole(args["count"]))
-            except ValueError as exc:
-                raise ControlError(str(exc)) from None
-            return {"desired_workers": count}
-        if cmd == "reload":
-            try:
-                generation = await self.reload()
-            except ReloadInterrupted:
-                raise ControlError("reload interrupted: the cluster is stopping") from None
-            except ReloadFailed as exc:
-                raise ControlError(f"reload rolled back: {exc}") from None
-            return {"generation": generation}
-        if cmd == "kill":
-            try:
-                return {"pid": self.kill_worker(int(args["worker"]))}
-            except LookupError as exc:
-                raise ControlError(str(exc)) from None
-        if cmd in ("run-job", "pause-job", "resume-job", "wait-run"):
-            assert self.scheduler is not None
-            name = str(args["job"])
-            try:
-                if cmd == "run-job":
-                    return {"run_id": await self.scheduler.run_now(name)}
-                if cmd == "wait-run":
-                    await self.scheduler.wait_run(name, int(args["run_id"]))
-                    return {"run_id": int(args["run_id"])}
-                await self.scheduler.set_paused(name, cmd == "pause-job")
-                return {"job": name, "paused": cmd == "pause-job"}
-            except LookupError as exc:
-                raise ControlError(str(exc)) from None
-        if cmd == "stop":
-            self.request_stop()
-            return {"stopping": True, "pid": self.pid}
-        raise ControlError(f"unknown command {cmd!r}")
+        return await commands.dispatch(self, cmd, args)
 
-    def _feed(self) -> Feed:
+    def feed(self) -> Feed:
         """The live feed of an attached console: what it missed first, then snapshots, events and output.
 
         Producers only append to this reader's bounded buffers (a slow reader loses the oldest),
@@ -478,13 +434,6 @@ class Primary:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _whole(value: Any) -> int:
-    """A worker count from the wire: an int, never a float, bool, string or infinity."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected a whole number of workers, got {value!r}")
-    return value
 
 
 def _withhold_secrets(settings: Settings) -> None:
