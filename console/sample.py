@@ -14,7 +14,7 @@ from typing import Any
 from runtime import ClusterSnapshot, EventBus, Settings, WorkerSnapshot
 from runtime.events import Event
 from runtime.logs import LogLine
-from runtime.snapshot import ReloadSnapshot
+from runtime.snapshot import Delivery, EndpointSnapshot, JobRun, JobSnapshot, ReloadSnapshot
 
 NOW = datetime(2026, 11, 22, 9, 30, 0, tzinfo=UTC)
 T0 = NOW.timestamp()
@@ -85,49 +85,57 @@ WORKERS = (
 )
 
 JOBS = (
-    {
-        "name": "cleanup",
-        "schedule": "*/5 * * * *",
-        "timezone": "UTC",
-        "next_run": "2026-11-22T09:35:00.000Z",
-        "last_status": "succeeded",
-        "paused": False,
-        "running": 0,
-    },
-    {
-        "name": "nightly-report",
-        "schedule": "30 1 * * *",
-        "timezone": "America/New_York",
-        "next_run": "2026-11-23T06:30:00.000Z",
-        "last_status": "failed",
-        "paused": False,
-        "running": 0,
-    },
-    {
-        "name": "sync-ledger",
-        "schedule": "*/10 * * * * *",
-        "timezone": "UTC",
-        "next_run": None,
-        "last_status": "skipped",
-        "paused": True,
-        "running": 0,
-    },
+    JobSnapshot(
+        name="cleanup",
+        schedule="*/5 * * * *",
+        timezone="UTC",
+        next_run="2026-11-22T09:35:00.000Z",
+        last_status="succeeded",
+        paused=False,
+        running=0,
+    ),
+    JobSnapshot(
+        name="nightly-report",
+        schedule="30 1 * * *",
+        timezone="America/New_York",
+        next_run="2026-11-23T06:30:00.000Z",
+        last_status="failed",
+        paused=False,
+        running=0,
+    ),
+    JobSnapshot(
+        name="sync-ledger",
+        schedule="*/10 * * * * *",
+        timezone="UTC",
+        next_run=None,
+        last_status="skipped",
+        paused=True,
+        running=0,
+    ),
 )
 
-RUNS = [
-    {
-        "id": 912 - i,
-        "job": job,
-        "scheduled_for": f"2026-11-22T09:{29 - i * 5 % 30:02d}:00.000Z",
-        "trigger": trigger,
-        "status": status,
-        "exit_code": code,
-        "attempt": attempt,
-        "output": f"cleaned {120 - i} expired sessions\nvacuumed in 0.{i}s"
+
+def _run(i: int, job: str, trigger: str, status: str, code: int | None, attempt: int) -> JobRun:
+    slot = f"2026-11-22T09:{29 - i * 5 % 30:02d}"
+    return JobRun(
+        id=912 - i,
+        job=job,
+        scheduled_for=f"{slot}:00.000Z",
+        trigger=trigger,
+        started_at=f"{slot}:00.004Z",
+        finished_at=f"{slot}:00.004Z" if status == "skipped" else f"{slot}:02.310Z",
+        status=status,
+        exit_code=code,
+        output=f"cleaned {120 - i} expired sessions\nvacuumed in 0.{i}s"
         if status == "succeeded"
         else 'Traceback (most recent call last):\n  File "report.py", line 41, in main\nConnectionError: smtp refused',
-    }
-    for i, (job, trigger, status, code, attempt) in enumerate(
+        attempt=attempt,
+    )
+
+
+RUNS = [
+    _run(i, *run)
+    for i, run in enumerate(
         [
             ("cleanup", "schedule", "succeeded", 0, 1),
             ("nightly-report", "manual", "failed", 1, 3),
@@ -140,41 +148,41 @@ RUNS = [
 ]
 
 ENDPOINTS = (
-    {
-        "name": "ops",
-        "url": "https://hooks.example.com/clusterctl",
-        "enabled": True,
-        "in_flight": 1,
-        "delivered": 1204,
-        "failed": 3,
-        "last_error": None,
-    },
-    {
-        "name": "billing",
-        "url": "https://billing.example.com/events",
-        "enabled": False,
-        "in_flight": 0,
-        "delivered": 88,
-        "failed": 9,
-        "last_error": "HTTP 410: gone",
-    },
+    EndpointSnapshot(
+        name="ops",
+        url="https://hooks.example.com/clusterctl",
+        enabled=True,
+        in_flight=1,
+        delivered=1204,
+        failed=3,
+        last_error=None,
+    ),
+    EndpointSnapshot(
+        name="billing",
+        url="https://billing.example.com/events",
+        enabled=False,
+        in_flight=0,
+        delivered=88,
+        failed=9,
+        last_error="HTTP 410: gone",
+    ),
 )
 QUEUES = {"ops": {"delivered": 1204, "pending": 2, "failed": 1, "dead": 1}, "billing": {"delivered": 88, "dead": 9}}
 DELIVERIES = [
-    {
-        "id": 5120 - i,
-        "event_id": f"msg_18ea5a0f21e7{i:04d}",
-        "type": kind,
-        "endpoint": endpoint,
-        "attempt": attempt,
-        "status": status,
-        "response_code": code,
-        "last_error": error,
-        "created_at": "2026-11-22T09:29:12.000Z",
-        "next_attempt_at": None,
-        "delivered_at": None,
-        "replay_of": None,
-    }
+    Delivery(
+        id=5120 - i,
+        event_id=f"msg_18ea5a0f21e7{i:04d}",
+        type=kind,
+        endpoint=endpoint,
+        attempt=attempt,
+        status=status,
+        response_code=code,
+        next_attempt_at=None,
+        last_error=error,
+        delivered_at=None,
+        created_at="2026-11-22T09:29:12.000Z",
+        replay_of=None,
+    )
     for i, (kind, endpoint, status, attempt, code, error) in enumerate(
         [
             ("app.order_created", "ops", "delivered", 1, 204, None),
@@ -273,14 +281,10 @@ class SampleBackend:
         self.actions.append(("replay", delivery_id))
         return [5121]
 
-    async def job_history(
-        self, job: str | None = None, status: str | None = None, limit: int = 100
-    ) -> list[dict[str, Any]]:
-        return [r for r in RUNS if (job is None or r["job"] == job) and (status is None or r["status"] == status)][
-            :limit
-        ]
+    async def job_history(self, job: str | None = None, status: str | None = None, limit: int = 100) -> list[JobRun]:
+        return [r for r in RUNS if (job is None or r.job == job) and (status is None or r.status == status)][:limit]
 
-    async def deliveries(self, limit: int = 100) -> list[dict[str, Any]]:
+    async def deliveries(self, limit: int = 100) -> list[Delivery]:
         return DELIVERIES[:limit]
 
     async def endpoint_queues(self) -> dict[str, dict[str, int]]:

@@ -35,6 +35,7 @@ from .cron import CronSchedule, from_iso, to_iso
 from .events import EventBus
 from .jobrunner import Outcome, run_attempt
 from .processes import pid_alive
+from .snapshot import JobSnapshot
 from .store import BUSY_TIMEOUT_MS, AsyncStore
 
 T = TypeVar("T")
@@ -160,17 +161,17 @@ class Scheduler:
         state.wake.set()
         self.events.publish(f"job.{'paused' if paused else 'resumed'}", f"{name} {'paused' if paused else 'resumed'}")
 
-    def snapshot(self) -> list[dict[str, Any]]:
+    def snapshot(self) -> list[JobSnapshot]:
         return [
-            {
-                "name": name,
-                "schedule": state.config.schedule,
-                "timezone": state.config.timezone,
-                "next_run": to_iso(state.next_run) if state.next_run and not state.paused else None,
-                "last_status": state.last_status,
-                "paused": state.paused,
-                "running": len(state.running),
-            }
+            JobSnapshot(
+                name=name,
+                schedule=state.config.schedule,
+                timezone=state.config.timezone,
+                next_run=to_iso(state.next_run) if state.next_run and not state.paused else None,
+                last_status=state.last_status,
+                paused=state.paused,
+                running=len(state.running),
+            )
             for name, state in self.jobs.items()
         ]
 

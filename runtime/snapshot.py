@@ -1,4 +1,9 @@
-"""Immutable snapshots of the cluster: what the console renders and `status --json` prints."""
+"""Immutable snapshots of the cluster: what the console renders and `status --json` prints.
+
+Also the records the console reads from the store (job runs, webhook deliveries).
+Every field is a JSON value, a tuple of them, a `dict[str, int]` or another of these records,
+so the same types cross a process boundary unchanged (`runtime.wire`).
+"""
 
 from __future__ import annotations
 
@@ -38,6 +43,66 @@ class ReloadSnapshot:
 
 
 @dataclass(frozen=True)
+class JobSnapshot:
+    """A configured job as the scheduler holds it now."""
+
+    name: str
+    schedule: str
+    timezone: str
+    next_run: str | None  # ISO-8601 UTC; None while paused or not yet known
+    last_status: str | None
+    paused: bool
+    running: int  # runs in flight
+
+
+@dataclass(frozen=True)
+class EndpointSnapshot:
+    """A webhook endpoint as this primary's delivery loop sees it (counts since the primary started)."""
+
+    name: str
+    url: str
+    enabled: bool  # False once the receiver answered 410 Gone
+    in_flight: int
+    delivered: int
+    failed: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """A `job_runs` row (DESIGN.md: Store)."""
+
+    id: int
+    job: str
+    scheduled_for: str
+    trigger: str  # schedule | manual | catch_up
+    started_at: str
+    finished_at: str | None
+    status: str  # running | succeeded | failed | timed_out | skipped | abandoned
+    exit_code: int | None
+    output: str  # the tail
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A `webhook_deliveries` row with its event's type and creation time."""
+
+    id: int
+    event_id: str  # the webhook-id, the same on every attempt and replay
+    type: str
+    endpoint: str
+    attempt: int
+    status: str  # pending | delivered | failed | dead
+    response_code: int | None
+    next_attempt_at: str | None
+    last_error: str | None
+    delivered_at: str | None
+    created_at: str
+    replay_of: int | None  # the delivery this one replays
+
+
+@dataclass(frozen=True)
 class ClusterSnapshot:
     pid: int
     bind: str
@@ -54,8 +119,8 @@ class ClusterSnapshot:
     primary_rss_bytes: int = 0
     rps_history: tuple[float, ...] = field(default=(), repr=False)
     reload: ReloadSnapshot | None = None
-    jobs: tuple[dict[str, Any], ...] = ()
-    endpoints: tuple[dict[str, Any], ...] = ()
+    jobs: tuple[JobSnapshot, ...] = ()
+    endpoints: tuple[EndpointSnapshot, ...] = ()
     webhooks: dict[str, int] = field(default_factory=lambda: {"pending": 0, "failed": 0, "delivered": 0})
     store_error: str | None = None
     started_at: str = ""
@@ -87,7 +152,7 @@ class ClusterSnapshot:
                 "rss_bytes": self.rss_bytes,
             },
             "reload": asdict(self.reload) if self.reload else None,
-            "jobs": list(self.jobs),
+            "jobs": [asdict(job) for job in self.jobs],
             "webhooks": dict(self.webhooks),
             "store_error": self.store_error,
         }

@@ -26,6 +26,7 @@ from .config import WebhookConfig
 from .events import Event, EventBus
 from .outbox import body_for, matches, new_event_id, resolve_secret, sign
 from .processes import pid_alive
+from .snapshot import EndpointSnapshot
 from .store import AsyncStore
 
 # Cluster events that are also webhook events (DESIGN.md).
@@ -114,17 +115,17 @@ class WebhookRunner:
             for client in endpoint.clients:
                 await client.aclose()
 
-    def snapshot(self) -> list[dict[str, Any]]:
+    def snapshot(self) -> list[EndpointSnapshot]:
         return [
-            {
-                "name": name,
-                "url": e.config.url,
-                "enabled": e.enabled,
-                "in_flight": len(e.in_flight),
-                "delivered": e.delivered,
-                "failed": e.failed,
-                "last_error": e.last_error,
-            }
+            EndpointSnapshot(
+                name=name,
+                url=e.config.url,
+                enabled=e.enabled,
+                in_flight=len(e.in_flight),
+                delivered=e.delivered,
+                failed=e.failed,
+                last_error=e.last_error,
+            )
             for name, e in self.endpoints.items()
         ]
 

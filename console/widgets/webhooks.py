@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
+
+from runtime.snapshot import Delivery, EndpointSnapshot
 
 from ..format import status, styled
 from . import add_columns
@@ -19,8 +19,8 @@ class WebhooksView(Vertical):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._deliveries: list[dict[str, Any]] = []
-        self._key: tuple[Any, ...] = ()
+        self._deliveries: list[Delivery] = []
+        self._key: tuple[tuple[int, str, int], ...] = ()
 
     def compose(self) -> ComposeResult:
         yield DataTable(id="endpoints-table", cursor_type="none")
@@ -56,47 +56,47 @@ class WebhooksView(Vertical):
         )
 
     def apply(
-        self, endpoints: tuple[dict[str, Any], ...], queues: dict[str, dict[str, int]], deliveries: list[dict[str, Any]]
+        self, endpoints: tuple[EndpointSnapshot, ...], queues: dict[str, dict[str, int]], deliveries: list[Delivery]
     ) -> None:
         table = self.query_one("#endpoints-table", DataTable)
         with self.app.batch_update():
             table.clear()
             for e in endpoints:
-                counts = queues.get(e["name"], {})
+                counts = queues.get(e.name, {})
                 done = counts.get("delivered", 0)
                 tried = done + counts.get("dead", 0) + counts.get("failed", 0)
                 table.add_row(
-                    styled(e["name"], "bold"),
-                    styled("on", "green") if e["enabled"] else styled("off", "bold red"),
+                    styled(e.name, "bold"),
+                    styled("on", "green") if e.enabled else styled("off", "bold red"),
                     f"{done / tried * 100:.0f}" if tried else "-",
                     str(counts.get("pending", 0) + counts.get("failed", 0)),
-                    str(e["in_flight"]),
+                    str(e.in_flight),
                     Text(str(counts.get("dead", 0)), style="bold red" if counts.get("dead") else "dim"),
-                    e["url"],
-                    key=e["name"],
+                    e.url,
+                    key=e.name,
                 )
-            key = tuple((d["id"], d["status"], d["attempt"]) for d in deliveries)
+            key = tuple((d.id, d.status, d.attempt) for d in deliveries)
             if key != self._key:
                 rows = self.query_one("#deliveries-table", DataTable)
                 cursor = rows.cursor_row
                 rows.clear()
                 for d in deliveries:
                     rows.add_row(
-                        str(d["id"]),
-                        d["endpoint"],
-                        d["type"],
-                        status(d["status"]),
-                        str(d["attempt"]),
-                        str(d["response_code"] or "-"),
-                        styled(d["last_error"] or "", "red"),
-                        key=str(d["id"]),
+                        str(d.id),
+                        d.endpoint,
+                        d.type,
+                        status(d.status),
+                        str(d.attempt),
+                        str(d.response_code or "-"),
+                        styled(d.last_error or "", "red"),
+                        key=str(d.id),
                     )
                 if 0 <= cursor < len(deliveries):
                     rows.move_cursor(row=cursor)
                 self._deliveries, self._key = deliveries, key
         self.show_detail()
 
-    def selected(self) -> dict[str, Any] | None:
+    def selected(self) -> Delivery | None:
         table = self.query_one("#deliveries-table", DataTable)
         if 0 <= table.cursor_row < len(self._deliveries):
             return self._deliveries[table.cursor_row]
@@ -108,10 +108,10 @@ class WebhooksView(Vertical):
         if d is None:
             detail.update(Text("no deliveries yet", style="dim"))
             return
-        text = Text(f"{d['event_id']}  {d['type']} → {d['endpoint']}  ", style="bold")
-        text.append(f"created {d['created_at']}")
-        if d["last_error"]:
-            text.append(f"\n{d['last_error']}", style="red")
-        if d["status"] in ("dead", "failed"):
+        text = Text(f"{d.event_id}  {d.type} → {d.endpoint}  ", style="bold")
+        text.append(f"created {d.created_at}")
+        if d.last_error:
+            text.append(f"\n{d.last_error}", style="red")
+        if d.status in ("dead", "failed"):
             text.append("\ny: replay (same webhook-id, new signature)", style="dim")
         detail.update(text)
