@@ -23,6 +23,7 @@ import functools
 import importlib
 import inspect
 import json
+import logging
 import os
 import resource
 import signal
@@ -50,6 +51,11 @@ _PR_SET_PDEATHSIG = 1
 # stop reading it for a while (other workers take the connections meanwhile) instead of spinning.
 ACCEPT_BACKOFF_MIN = 0.1
 ACCEPT_BACKOFF_MAX = 1.0
+# A drain cancels app tasks left running this long after their last connection closed.
+ORPHAN_GRACE = 1.0
+# Lifespan shutdown gets at least this long, even after graceful_timeout ran out on a slow request
+# (the primary's SIGKILL comes 2 s after the deadline).
+LIFESPAN_GRACE = 1.5
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -447,10 +453,21 @@ class Worker:
         self.health_server.close()
         deadline = loop.time() + self.spec["graceful_timeout"]
         idle_cutoff = loop.time() + self.spec["keepalive_timeout"] + 0.5
+        orphaned_since: float | None = None
         while self.state.connections or self.state.tasks:
             now = loop.time()
             if now >= deadline:
                 break
+            if self.state.connections:
+                orphaned_since = None
+            elif orphaned_since is None:
+                orphaned_since = now
+            elif now - orphaned_since > ORPHAN_GRACE:
+                # Every connection is gone, yet app tasks run on: a WebSocket handler that never
+                # reads (a broadcast loop) or a stream whose client left. No one awaits them.
+                logging.getLogger("uvicorn.error").addFilter(_not_cancelled)
+                for task in list(self.state.tasks):
+                    task.cancel()
             for conn in list(self.state.connections):
                 if not isinstance(conn, self.http_protocol):
                     # A WebSocket has no request boundary to wait for: close it now with 1012
@@ -465,7 +482,7 @@ class Worker:
         for conn in list(self.state.connections):
             _shut_down(conn)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.lifespan.shutdown(), timeout=max(0.1, deadline - loop.time()))
+            await asyncio.wait_for(self.lifespan.shutdown(), timeout=max(LIFESPAN_GRACE, deadline - loop.time()))
         self.send({"t": "drained"})
         await self._flush()
         self.done.set()
@@ -500,6 +517,11 @@ class Worker:
             date = formatdate(time.time(), usegmt=True).encode()
             self.state.default_headers = [(b"date", date), *encoded_headers]
             await asyncio.sleep(1)
+
+
+def _not_cancelled(record: logging.LogRecord) -> bool:
+    """uvicorn reports a cancelled app task as an exception in the app; ours are cancelled on purpose."""
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 def _shut_down(conn: Any) -> None:

@@ -36,8 +36,9 @@ def _exit_event(cluster: Any, pid: int) -> dict[str, Any] | None:
     return events[0] if events else None
 
 
+@pytest.mark.parametrize("path", ["/ws", "/broadcast"])
 @pytest.mark.parametrize("action", ["reload", "stop"])
-def test_drain_closes_websockets_with_a_close_code_and_runs_lifespan_shutdown(start_cluster, tmp_path, action):
+def test_drain_closes_websockets_with_a_close_code_and_runs_lifespan_shutdown(start_cluster, tmp_path, action, path):
     marker = tmp_path / "shutdown-pids"
     cluster = start_cluster(
         app="ws_app:app",
@@ -45,10 +46,11 @@ def test_drain_closes_websockets_with_a_close_code_and_runs_lifespan_shutdown(st
         config=f"[server]\ngraceful_timeout = {GRACEFUL_TIMEOUT}\n",
         env={"TEST_SHUTDOWN_MARKER": str(marker)},
     )
-    with connect(f"ws://127.0.0.1:{cluster.port}/ws", open_timeout=5) as ws:
+    with connect(f"ws://127.0.0.1:{cluster.port}{path}", open_timeout=5) as ws:
         pid = json.loads(ws.recv(timeout=5))["pid"]
-        ws.send("still here")
-        assert ws.recv(timeout=5) == "still here"
+        if path == "/ws":
+            ws.send("still here")
+            assert ws.recv(timeout=5) == "still here"
 
         outcome: dict[str, Any] = {}
 
