@@ -1,8 +1,11 @@
-"""The console: a Textual app that is the primary.
+"""The console: a Textual app on a cluster's primary, in its process or attached to it.
 
-The runtime's `Primary` runs in this app's own event loop. The console only
-renders its immutable snapshots and sends it actions (scale, reload, kill,
-run job, pause, replay, stop); it never reaches into runtime internals.
+In the process that is the primary (`clusterctl-tui`), the runtime's `Primary`
+runs in this app's own event loop; attached (`clusterctl-tui attach`), a
+`console.remote.RemoteBackend` stands in for it over the control socket. Either
+way the console only renders immutable snapshots and runs the runtime's
+commands (runtime.commands: scale, reload, kill, run job, pause, replay, stop);
+it never reaches into runtime internals.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Protocol
 
 from rich.text import Text
@@ -20,10 +24,16 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, TabbedContent, TabPane
 
-from runtime import ClusterSnapshot, Event, EventBus, ReloadFailed, Settings, StartupError
+from runtime import ClusterSnapshot, Event, EventBus, Settings, StartupError
+from runtime.commands import COMMANDS
+from runtime.control import ControlError
 from runtime.demo import LoadGenerator
 from runtime.logs import LogLine
+from runtime.snapshot import Delivery, JobRun
+from runtime.wire import decode
 
+from .keys import command_bindings
+from .remote import LOST, RESTORED
 from .screens.confirm import ConfirmScreen
 from .screens.help import HelpScreen
 from .widgets.events import EventsView
@@ -33,7 +43,12 @@ from .widgets.workers import WorkersView
 
 REFRESH = 1.0  # seconds between snapshots
 STORE_REFRESH = 2.0  # seconds between reads of history and deliveries (visible tab only)
+EXIT_BAD_INPUT = 2
+EXIT_NOT_RUNNING = 3
+SELECT_ON = {"worker": "Workers", "job": "Jobs", "delivery": "Webhooks"}
 TOASTS = {
+    LOST: "error",
+    RESTORED: "information",
     "worker.crashed": "error",
     "cluster.reloaded": "information",
     "cluster.reload_failed": "error",
@@ -43,63 +58,60 @@ TOASTS = {
 }
 
 
-HELP = [
-    ("", "everywhere"),
-    ("+ / -", "add a worker / remove one (it drains first)"),
-    ("r", "rolling restart, one slot at a time (asks first)"),
-    ("g", "demo load generator on/off"),
-    ("1 2 3 4", "workers / jobs / webhooks / events"),
-    ("q", "stop the cluster and quit (asks first)"),
-    ("ctrl+p", "command palette: every action by name"),
-    ("", "workers"),
-    ("↑ ↓", "select a worker; its last output shows below"),
-    ("k", "SIGKILL the selected worker (asks first)"),
-    ("", "jobs"),
-    ("j / p", "run the selected job now / pause or resume it"),
-    ("f", "filter the history by status"),
-    ("", "webhooks"),
-    ("y", "replay the selected delivery (same webhook-id)"),
-    ("", "events"),
-    ("f", "follow on/off; type in the box to filter"),
-]
+DETACH = "detach"  # ClusterConsole.outcome when the console left a running cluster behind
+
+
+def help_keys(attached: bool, detachable: bool) -> list[tuple[str, str]]:
+    if attached:
+        leave = [("q / d", "close this console; the cluster keeps running"), ("ctrl+p", "palette: Stop cluster")]
+    else:
+        leave = [("q", "stop the cluster and quit (asks first)")]
+        if detachable:
+            leave.append(("d", "detach: close the console, the cluster keeps serving (`attach` returns)"))
+    return [
+        ("", "everywhere"),
+        ("+ / -", "add a worker / remove one (it drains first)"),
+        ("r", "rolling restart, one slot at a time (asks first)"),
+        ("g", "demo load generator on/off"),
+        ("1 2 3 4", "workers / jobs / webhooks / events"),
+        *leave,
+        ("ctrl+p", "command palette: every action by name"),
+        ("", "workers"),
+        ("↑ ↓", "select a worker; its last output shows below"),
+        ("k", "SIGKILL the selected worker (asks first)"),
+        ("", "jobs"),
+        ("j / p", "run the selected job now / pause or resume it"),
+        ("f", "filter the history by status"),
+        ("", "webhooks"),
+        ("y", "replay the selected delivery (same webhook-id)"),
+        ("", "events"),
+        ("f", "follow on/off; type in the box to filter"),
+    ]
 
 
 class Backend(Protocol):
-    """What the console needs of the runtime: `runtime.Primary` is one."""
+    """What the console needs of a cluster: `runtime.Primary` and `console.remote.RemoteBackend` are two."""
 
-    settings: Settings
     events: EventBus
     running: bool
 
     async def start(self) -> None: ...
     async def wait(self) -> None: ...
-    def request_stop(self) -> None: ...
     def snapshot(self) -> ClusterSnapshot: ...
-    def scale_by(self, delta: int) -> int: ...
-    async def reload(self) -> int: ...
-    def kill_worker(self, worker_id: int) -> int: ...
-    async def run_job(self, name: str) -> int: ...
-    async def set_job_paused(self, name: str, paused: bool) -> None: ...
-    async def replay_delivery(self, delivery_id: int) -> list[int]: ...
-    async def job_history(
-        self, job: str | None = None, status: str | None = None, limit: int = 100
-    ) -> list[dict[str, Any]]: ...
-    async def deliveries(self, limit: int = 100) -> list[dict[str, Any]]: ...
-    async def endpoint_queues(self) -> dict[str, dict[str, int]]: ...
+    async def call(self, command: str, **args: Any) -> Any: ...
     def worker_tail(self, worker_id: int, limit: int = 20) -> list[LogLine]: ...
-    def subscribe_logs(self, callback: Any) -> Any: ...
+    def subscribe_logs(self, callback: Callable[[list[LogLine]], None]) -> Callable[[], None]: ...
 
 
 class ClusterConsole(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "clusterctl-tui"
     BINDINGS = [
-        Binding("plus", "scale(1)", "+1", id="scale_up", key_display="+"),
-        Binding("minus", "scale(-1)", "-1", id="scale_down", key_display="-"),
-        Binding("r", "reload", "Restart", id="reload"),
+        *command_bindings("scale", "reload"),
         Binding("g", "toggle_load", "Load", id="toggle_load"),
         Binding("question_mark", "help", "Help", id="help", key_display="?"),
         Binding("q", "quit", "Quit", id="quit"),
+        Binding("d", "detach", "Detach", show=False, id="detach"),
         Binding("1", "tab('workers')", "Workers", show=False, id="tab_workers"),
         Binding("2", "tab('jobs')", "Jobs", show=False, id="tab_jobs"),
         Binding("3", "tab('webhooks')", "Webhooks", show=False, id="tab_webhooks"),
@@ -107,18 +119,25 @@ class ClusterConsole(App[int]):
     ]
 
     def __init__(
-        self, backend: Backend, start_backend: bool = True, clock: Callable[[], datetime] | None = None
+        self,
+        backend: Backend,
+        start_backend: bool = True,
+        clock: Callable[[], datetime] | None = None,
+        attached: bool = False,
+        detachable: bool = False,
     ) -> None:
         super().__init__()
         self.backend = backend
         self.clock = clock or (lambda: datetime.now(UTC))
         self.start_backend = start_backend
+        self.attached = attached  # to a primary in another process: leaving never stops it
+        self.detachable = detachable  # a launcher owns the terminal: `d` leaves the cluster serving
         self.error: str | None = None
+        self.outcome: str | None = None
         self.started = False
         self.snap: ClusterSnapshot | None = None
         self.load: LoadGenerator | None = None
-
-    # ------------------------------------------------------------------ layout
+        self.starting: asyncio.Future[None] | None = None
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False, icon="◆")
@@ -153,11 +172,13 @@ class ClusterConsole(App[int]):
     # ------------------------------------------------------------------ the cluster
 
     async def _run_cluster(self) -> None:
+        # Shielded: a console that detaches while the primary starts must not cancel the start.
+        self.starting = asyncio.ensure_future(self.backend.start())
         try:
-            await self.backend.start()
-        except StartupError as exc:
+            await asyncio.shield(self.starting)
+        except (StartupError, ControlError) as exc:
             self.error = str(exc)
-            self.exit(2)
+            self.exit(EXIT_BAD_INPUT if isinstance(exc, StartupError) else EXIT_NOT_RUNNING)
             return
         if not self.backend.running:  # told to stop while starting: already drained
             self.exit(0)
@@ -172,13 +193,18 @@ class ClusterConsole(App[int]):
         for event in self.backend.events.recent:
             events.add(_event_line(event))
         self.backend.events.subscribe(self._on_event)
-        self.backend.subscribe_logs(lambda line: events.add(_log_line(line)))
+        self.backend.subscribe_logs(lambda lines: events.add_batch(lines, _log_line))
         snap = self.backend.snapshot()
-        self.sub_title = f"{snap.bind} · pid {snap.pid}"
+        self.sub_title = f"{snap.bind} · pid {snap.pid}" + (" · attached" if self.attached else "")
         self.refresh_view()
 
     def _on_event(self, event: Event) -> None:
         self.query_one(EventsView).add(_event_line(event))
+        if event.kind == LOST:
+            self.sub_title = "primary gone: waiting for one to attach to (q closes)"
+        elif event.kind == RESTORED:
+            snap = self.backend.snapshot()
+            self.sub_title = f"{snap.bind} · pid {snap.pid} · attached"
         severity = TOASTS.get(event.kind)
         if severity:
             who = f"worker {event.worker_id}: " if event.worker_id is not None else ""
@@ -214,12 +240,14 @@ class ClusterConsole(App[int]):
     async def _refresh_store(self) -> None:
         if self.active == "jobs":
             view = self.query_one(JobsView)
-            runs = await self.backend.job_history(view.selected_job(), view.status_filter, 200)
-            view.apply_runs(runs)
+            runs = await self.backend.call("runs", job=view.selected_job(), status=view.status_filter, limit=200)
+            view.apply_runs(decode(list[JobRun], runs))
         elif self.active == "webhooks":
-            queues = await self.backend.endpoint_queues()
-            deliveries = await self.backend.deliveries(200)
-            self.query_one(WebhooksView).apply(self.backend.snapshot().endpoints, queues, deliveries)
+            queues = await self.backend.call("queues")
+            deliveries = await self.backend.call("deliveries", limit=200)
+            self.query_one(WebhooksView).apply(
+                self.backend.snapshot().endpoints, queues, decode(list[Delivery], deliveries)
+            )
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         # Focus the view's main widget, so its keys show in the footer and work at once.
@@ -245,77 +273,47 @@ class ClusterConsole(App[int]):
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
 
-    def action_scale(self, delta: int) -> None:
-        try:
-            count = self.backend.scale_by(delta)
-        except ValueError as exc:
-            self.notify(str(exc), severity="warning")
-            return
-        self.notify(f"scaling to {count} workers")
+    def _selection(self) -> dict[str, Any]:
+        """What the operator has selected on the visible tab, as command arguments."""
+        found: dict[str, Any] = {}
+        if self.active == "workers" and (worker := self.query_one(WorkersView).selected()) and worker.pid:
+            found["worker"] = worker.id
+        elif self.active == "jobs" and (job := self.query_one(JobsView).selected_job()):
+            found["job"] = job
+        elif self.active == "webhooks" and (delivery := self.query_one(WebhooksView).selected()):
+            found["delivery"] = delivery.id
+        return found
 
-    @work(exclusive=True, group="reload")
-    async def action_reload(self) -> None:
-        snap = self.snap
-        count = snap.desired_workers if snap else 0
-        if not await self.push_screen_wait(
-            ConfirmScreen(f"Rolling restart of {count} workers, one at a time?", "Restart")
+    @work(group="command")
+    async def action_command(self, name: str, fixed: dict[str, Any] | None = None) -> None:
+        """Run one of the runtime's commands: arguments from the key, then from the selection."""
+        command = COMMANDS[name]
+        args = {**self._selection(), **(fixed or {})}
+        missing = [arg.name for arg in command.args if arg.required and arg.name not in args]
+        if missing:
+            self.notify(f"{name}: select a {missing[0]} first ({SELECT_ON[missing[0]]} tab)", severity="warning")
+            return
+        if command.confirm and not await self.push_screen_wait(
+            ConfirmScreen(command.confirm.format(**args), command.title or name.capitalize())
         ):
             return
-        self.notify("rolling restart started")
+        if name == "reload":
+            self.notify("rolling restart started")
         try:
-            generation = await self.backend.reload()
-        except ReloadFailed as exc:
-            self.notify(f"rolled back: {exc}", title="reload failed", severity="error", markup=False)
+            result = await self.backend.call(name, **{arg.name: args.get(arg.name) for arg in command.args})
+        except ControlError as exc:
+            self.notify(str(exc), title=name, severity="error", markup=False)
             return
-        self.notify(f"all workers on generation {generation}", title="reload done")
+        self.notify(command.report(result), title=name, markup=False)
+        if name in ("pause-job", "resume-job"):
+            self.refresh_view()
+        elif name == "replay":
+            await self._refresh_store()
 
-    @work(group="kill")
-    async def action_kill(self) -> None:
-        worker = self.query_one(WorkersView).selected() if self.active == "workers" else None
-        if worker is None or worker.pid is None:
-            self.notify("select a running worker on the Workers tab", severity="warning")
-            return
-        if not await self.push_screen_wait(ConfirmScreen(f"SIGKILL worker {worker.id} (pid {worker.pid})?", "Kill")):
-            return
-        try:
-            self.backend.kill_worker(worker.id)
-        except LookupError as exc:
-            self.notify(str(exc), severity="warning")
-
-    async def action_run_job(self) -> None:
-        name = self._selected_job()
-        if name is None:
-            return
-        try:
-            run_id = await self.backend.run_job(name)
-        except LookupError as exc:
-            self.notify(str(exc), severity="warning")
-            return
-        self.notify(f"{name}: run {run_id} started")
-
-    async def action_pause_job(self) -> None:
-        name = self._selected_job()
-        if name is None or self.snap is None:
-            return
-        paused = next((job["paused"] for job in self.snap.jobs if job["name"] == name), False)
-        await self.backend.set_job_paused(name, not paused)
-        self.notify(f"{name} {'resumed' if paused else 'paused'}")
-        self.refresh_view()
-
-    def _selected_job(self) -> str | None:
-        name = self.query_one(JobsView).selected_job() if self.active == "jobs" else None
-        if name is None:
-            self.notify("select a job on the Jobs tab", severity="warning")
-        return name
-
-    async def action_replay(self) -> None:
-        delivery = self.query_one(WebhooksView).selected() if self.active == "webhooks" else None
-        if delivery is None:
-            self.notify("select a delivery on the Webhooks tab", severity="warning")
-            return
-        ids = await self.backend.replay_delivery(delivery["id"])
-        self.notify(f"delivery {delivery['id']} queued again as {', '.join(map(str, ids))}")
-        await self._refresh_store()
+    def action_pause_job(self) -> None:
+        name = self._selection().get("job")
+        paused = next((job.paused for job in self.snap.jobs if job.name == name), False) if self.snap else False
+        self.action_command("resume-job" if paused else "pause-job")
 
     def action_filter(self) -> None:
         if self.active == "jobs":
@@ -337,36 +335,40 @@ class ClusterConsole(App[int]):
         self.notify(f"load generator {'on (about 40 req/s)' if running else 'off'}")
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(HELP))
+        self.push_screen(HelpScreen(help_keys(self.attached, self.detachable)))
 
     @work(exclusive=True, group="quit")
     async def action_quit(self) -> None:
+        if self.attached or not self.started:
+            self.exit(0)
+            return
         count = self.snap.desired_workers if self.snap else 0
-        if self.started and not await self.push_screen_wait(
+        if not await self.push_screen_wait(
             ConfirmScreen(f"Stop the cluster? {count} workers will drain and exit.", "Stop")
         ):
             return
-        if not self.started:
-            self.exit(0)
-            return
         self.notify("stopping: draining workers…")
-        self.backend.request_stop()
+        await self.backend.call("stop")
+
+    def action_detach(self) -> None:
+        """Leave the cluster serving: an attached console just closes; the primary's own needs a launcher."""
+        if self.attached:
+            self.exit(0)
+        elif self.detachable:
+            self.outcome = DETACH
+            self.exit(0)
+        else:
+            self.notify("no launcher to detach from: run `clusterctl-tui` on a terminal, or `up --headless`")
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        commands = [
-            ("Scale up", "Add one worker", lambda: self.action_scale(1)),
-            ("Scale down", "Remove one worker (it drains first)", lambda: self.action_scale(-1)),
-            ("Rolling restart", "Replace every worker, one at a time", self.action_reload),
-            ("Kill worker", "SIGKILL the selected worker; it is replaced", self.action_kill),
-            ("Run job now", "Run the selected job (a manual run)", self.action_run_job),
-            ("Pause or resume job", "Toggle the selected job's schedule", self.action_pause_job),
-            ("Replay delivery", "Deliver the selected webhook again", self.action_replay),
-            ("Toggle load generator", "A light load on the demo app", self.action_toggle_load),
-            ("Stop cluster", "Drain every worker and quit", self.action_quit),
-        ]
-        for title, help_text, callback in commands:
-            yield SystemCommand(title, help_text, callback)
+        for command in COMMANDS.values():
+            if command.console and command.title:
+                yield SystemCommand(command.title, command.help, partial(self.action_command, command.name))
+        yield SystemCommand("Pause or resume job", "Toggle the selected job's schedule", self.action_pause_job)
+        yield SystemCommand("Toggle load generator", "A light load on the demo app", self.action_toggle_load)
+        if self.attached or self.detachable:
+            yield SystemCommand("Detach", "Close the console; the cluster keeps running", self.action_detach)
 
 
 def _event_line(event: Event) -> Text:

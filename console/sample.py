@@ -12,9 +12,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from runtime import ClusterSnapshot, EventBus, Settings, WorkerSnapshot
+from runtime.control import ControlError
 from runtime.events import Event
 from runtime.logs import LogLine
 from runtime.snapshot import Delivery, EndpointSnapshot, JobRun, JobSnapshot, ReloadSnapshot
+from runtime.wire import encode
 
 NOW = datetime(2026, 11, 22, 9, 30, 0, tzinfo=UTC)
 T0 = NOW.timestamp()
@@ -229,9 +231,6 @@ class SampleBackend:
     async def wait(self) -> None:
         return None
 
-    def request_stop(self) -> None:
-        self.actions.append(("stop",))
-
     def snapshot(self) -> ClusterSnapshot:
         return ClusterSnapshot(
             pid=41200,
@@ -255,43 +254,36 @@ class SampleBackend:
             started_at="2026-11-22T08:12:40.000Z",
         )
 
-    def scale_by(self, delta: int) -> int:
-        if self.desired + delta < 1:
-            raise ValueError("the cluster needs at least 1 worker")
-        self.desired += delta
-        self.actions.append(("scale", delta))
-        return self.desired
-
-    async def reload(self) -> int:
-        self.actions.append(("reload",))
-        return 4
-
-    def kill_worker(self, worker_id: int) -> int:
-        self.actions.append(("kill", worker_id))
-        return 41200 + worker_id * 7
-
-    async def run_job(self, name: str) -> int:
-        self.actions.append(("run_job", name))
-        return 913
-
-    async def set_job_paused(self, name: str, paused: bool) -> None:
-        self.actions.append(("pause", name, paused))
-
-    async def replay_delivery(self, delivery_id: int) -> list[int]:
-        self.actions.append(("replay", delivery_id))
-        return [5121]
-
-    async def job_history(self, job: str | None = None, status: str | None = None, limit: int = 100) -> list[JobRun]:
-        return [r for r in RUNS if (job is None or r.job == job) and (status is None or r.status == status)][:limit]
-
-    async def deliveries(self, limit: int = 100) -> list[Delivery]:
-        return DELIVERIES[:limit]
-
-    async def endpoint_queues(self) -> dict[str, dict[str, int]]:
-        return QUEUES
+    async def call(self, command: str, **args: Any) -> Any:
+        """The runtime's commands, answered from the fixed state; actions are recorded for tests."""
+        if command == "runs":
+            job, status, limit = args.get("job"), args.get("status"), args.get("limit") or 100
+            return encode([r for r in RUNS if job in (None, r.job) and status in (None, r.status)][:limit])
+        if command == "deliveries":
+            return encode(DELIVERIES[: args.get("limit") or 100])
+        if command == "queues":
+            return QUEUES
+        if command == "scale":
+            delta = args.get("delta") or 0
+            if self.desired + delta < 1:
+                raise ControlError("the cluster needs at least 1 worker")
+            self.desired += delta
+            self.actions.append(("scale", delta))
+            return {"desired_workers": self.desired}
+        self.actions.append((command, *args.values()))
+        results = {
+            "reload": {"generation": 4},
+            "kill": {"worker": args.get("worker"), "pid": 41207},
+            "run-job": {"job": args.get("job"), "run_id": 913},
+            "pause-job": {"job": args.get("job"), "paused": True},
+            "resume-job": {"job": args.get("job"), "paused": False},
+            "replay": {"delivery": args.get("delivery"), "ids": [5121]},
+            "stop": {"stopping": True, "pid": 41200},
+        }
+        return results[command]
 
     def worker_tail(self, worker_id: int, limit: int = 20) -> list[LogLine]:
         return [line for line in TAIL if line.worker_id == worker_id][-limit:]
 
-    def subscribe_logs(self, callback: Any) -> None:
-        return None
+    def subscribe_logs(self, callback: Any) -> Any:
+        return lambda: None

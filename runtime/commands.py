@@ -56,6 +56,7 @@ class Key:
     description: str
     display: str | None = None
     args: tuple[tuple[str, Any], ...] = ()
+    id: str | None = None  # the binding's id, for remapping (default: the command's name)
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,8 @@ COMMANDS: dict[str, Command] = {
             ),
             report=lambda r: f"desired workers: {r['desired_workers']}",
             keys=(
-                Key("plus", "+1", "+", (("delta", 1),)),
-                Key("minus", "-1", "-", (("delta", -1),)),
+                Key("plus", "+1", "+", (("delta", 1),), "scale_up"),
+                Key("minus", "-1", "-", (("delta", -1),), "scale_down"),
             ),
         ),
         Command(
@@ -225,7 +226,7 @@ COMMANDS: dict[str, Command] = {
             _run_job,
             (_JOB,),
             report=lambda r: f"started run {r['run_id']} of {r['job']}",
-            keys=(Key("j", "Run job"),),
+            keys=(Key("j", "Run now"),),
             title="Run job now",
         ),
         Command(

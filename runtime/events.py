@@ -43,7 +43,10 @@ class EventBus:
         pid: int | None = None,
         **data: Any,
     ) -> Event:
-        event = Event(kind, message, worker_id, pid, data)
+        return self.relay(Event(kind, message, worker_id, pid, data))
+
+    def relay(self, event: Event) -> Event:
+        """Publish an event made elsewhere (an attached console relays its primary's, times and all)."""
         self.recent.append(event)
         for subscriber in list(self._subscribers):
             subscriber(event)

@@ -309,6 +309,10 @@ class Primary:
         assert self.store is not None
         return await self.store.call(self.store.store.endpoint_counts)
 
+    async def call(self, command: str, **args: Any) -> Any:
+        """Run one of runtime.commands here, as the control socket would (the in-process console's way)."""
+        return await commands.dispatch(self, command, args)
+
     def subscribe_logs(self, callback: Callable[[list[LogLine]], None]) -> Callable[[], None]:
         """The lines workers write, in batches on the loop (the console's log view); returns the unsubscribe."""
         assert self.logs is not None

@@ -144,8 +144,10 @@ def test_a_failing_store_is_reported_and_the_console_keeps_working():
     from console.sample import NOW, SampleBackend
 
     class BrokenStore(SampleBackend):
-        async def job_history(self, *args, **kwargs):
-            raise OSError("database or disk is full")
+        async def call(self, command, **args):
+            if command == "runs":
+                raise OSError("database or disk is full")
+            return await super().call(command, **args)
 
     backend = BrokenStore()
     app = ClusterConsole(backend, start_backend=False, clock=lambda: NOW)

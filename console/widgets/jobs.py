@@ -13,6 +13,7 @@ from textual.widgets import DataTable, Static
 from runtime.snapshot import JobRun, JobSnapshot
 
 from ..format import status, styled, until
+from ..keys import command_bindings
 from . import add_columns
 
 STATUS_FILTERS = (None, "failed", "succeeded", "skipped", "timed_out", "running")
@@ -20,7 +21,7 @@ STATUS_FILTERS = (None, "failed", "succeeded", "skipped", "timed_out", "running"
 
 class JobsView(Vertical):
     BINDINGS = [
-        Binding("j", "app.run_job", "Run now", id="run_job"),
+        *command_bindings("run-job"),
         Binding("p", "app.pause_job", "Pause/resume", id="pause_job"),
         Binding("f", "app.filter", "Filter", id="filter_runs"),
     ]

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
 from runtime.snapshot import Delivery, EndpointSnapshot
 
 from ..format import status, styled
+from ..keys import command_bindings
 from . import add_columns
 
 
 class WebhooksView(Vertical):
-    BINDINGS = [Binding("y", "app.replay", "Replay", id="replay")]
+    BINDINGS = command_bindings("replay")
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]

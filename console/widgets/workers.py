@@ -6,13 +6,13 @@ from collections.abc import Callable
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import DataTable, ProgressBar, Sparkline, Static
 
 from runtime import ClusterSnapshot, WorkerSnapshot
 
 from ..format import duration, number, size, spark, state, styled
+from ..keys import command_bindings
 from . import add_columns
 
 WIDE = 100  # columns at and above which the table shows p50 and the trend
@@ -62,7 +62,7 @@ def _cells(worker: WorkerSnapshot, wide: bool, trend: int = 10) -> dict[str, obj
 
 
 class WorkersView(Vertical):
-    BINDINGS = [Binding("k", "app.kill", "Kill", id="kill")]
+    BINDINGS = command_bindings("kill")
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
