@@ -11,7 +11,6 @@ it never reaches into runtime internals.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from functools import partial
@@ -24,7 +23,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, TabbedContent, TabPane
 
-from runtime import ClusterSnapshot, Event, EventBus, Settings, StartupError
+from runtime import ClusterSnapshot, Event, EventBus, StartupError
 from runtime.commands import COMMANDS
 from runtime.control import ControlError
 from runtime.demo import LoadGenerator
@@ -138,6 +137,7 @@ class ClusterConsole(App[int]):
         self.snap: ClusterSnapshot | None = None
         self.load: LoadGenerator | None = None
         self.starting: asyncio.Future[None] | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False, icon="◆")
@@ -160,6 +160,11 @@ class ClusterConsole(App[int]):
             self._attach()
         self.set_interval(REFRESH, self.refresh_view)
         self.run_worker(self._poll_store(), name="store", exit_on_error=False)
+
+    def on_unmount(self) -> None:
+        # A detached console leaves its primary running: it must stop listening to it.
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
 
     @property
     def active(self) -> str:
@@ -192,8 +197,10 @@ class ClusterConsole(App[int]):
         events = self.query_one(EventsView)
         for event in self.backend.events.recent:
             events.add(_event_line(event))
-        self.backend.events.subscribe(self._on_event)
-        self.backend.subscribe_logs(lambda lines: events.add_batch(lines, _log_line))
+        self._unsubscribe = [
+            self.backend.events.subscribe(self._on_event),
+            self.backend.subscribe_logs(lambda lines: events.add_batch(lines, _log_line)),
+        ]
         snap = self.backend.snapshot()
         self.sub_title = f"{snap.bind} · pid {snap.pid}" + (" · attached" if self.attached else "")
         self.refresh_view()
@@ -393,18 +400,3 @@ def _log_line(line: LogLine) -> Text:
 
 def _tail_line(line: LogLine) -> Text:
     return Text(f"{line.stream}| {line.text}", style="red" if line.stream == "err" else "")
-
-
-def run_console(settings: Settings) -> int:
-    from runtime import Primary
-
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        print("clusterctl-tui: no terminal; running headless (use `up --headless` to say so)", file=sys.stderr)
-        from runtime.headless import run_headless
-
-        return asyncio.run(run_headless(settings))
-    app = ClusterConsole(Primary(settings, console=True))
-    code = app.run()
-    if app.error:
-        print(f"clusterctl-tui: error: {app.error}", file=sys.stderr)
-    return code if isinstance(code, int) else 0

@@ -16,6 +16,8 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,7 +32,26 @@ EXIT_BAD_INPUT = 2
 EXIT_NOT_RUNNING = 3  # LSB: a script can tell "down" from "broken"
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a writer killed by SIGPIPE, as `git log | head -1` is
 # The primary's commands (runtime.commands) plus those that need no primary.
-CLI_COMMANDS = {name for name, command in COMMANDS.items() if command.cli} | {"up", "check", "history", "webhooks", "logs"}
+CLI_COMMANDS = {name for name, command in COMMANDS.items() if command.cli} | {
+    "up",
+    "attach",
+    "check",
+    "history",
+    "webhooks",
+    "logs",
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What needs the console, handed in by the `clusterctl-tui` entry point (which knows both packages).
+
+    `console(settings, bare)` runs the primary with its console (`bare`: no command was typed, so an
+    already running primary is attached to instead); `attach(store, socket)` is `clusterctl-tui attach`.
+    """
+
+    console: Callable[[Settings, bool], int] | None = None
+    attach: Callable[[Path, Path | None], int] | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         "--status", action="append", choices=("dead", "failed", "delivered"), help="which deliveries (default: all)"
     )
     with_config(sub.add_parser("check", help="validate the config and exit"))
+    control("attach", "the console, on the primary running for this store (q leaves it running)")
     logs = with_config(sub.add_parser("logs", help="the workers' output lines, read from logs/workers.log"))
     logs.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="print the last N lines (default 50)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing lines as they come, until Ctrl+C")
@@ -102,13 +124,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, entry: Entry = Entry()) -> None:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or (args_list[0] not in CLI_COMMANDS and args_list[0] not in ("-h", "--help")):
+    bare = not args_list or (args_list[0] not in CLI_COMMANDS and args_list[0] not in ("-h", "--help", "--version"))
+    if bare:
         args_list.insert(0, "up")
     args = _parser().parse_args(args_list)
     try:
-        code = _dispatch(args)
+        code = _dispatch(args, entry, bare)
         sys.stdout.flush()  # a reader that went away (`| head -1`) shows up here, not at interpreter exit
     except BrokenPipeError:
         # Quietly, like other tools in a pipeline; stdout goes to devnull so the exit flush cannot fail again.
@@ -139,7 +162,11 @@ def _settings(args: argparse.Namespace, **flags: Any) -> Settings:
     return load_settings(args.config, overrides)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, entry: Entry, bare: bool) -> int:
+    if args.command == "attach":
+        if entry.attach is None:
+            raise ConfigError("attach needs the console: run it as `clusterctl-tui attach`")
+        return entry.attach(_settings(args).store.path, Path(args.socket) if args.socket else None)
     if args.command == "up":
         if args.workers is not None:
             parse_workers(args.workers, "--workers")
@@ -148,7 +175,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             from .demo import with_demo_extras
 
             settings = with_demo_extras(settings)
-        return _up(settings, args.headless)
+        return _up(settings, args.headless, entry, bare)
     if args.command == "check":
         settings = _settings(args)
         _resolve_secrets(settings)
@@ -334,16 +361,13 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _up(settings: Settings, headless: bool) -> int:
+def _up(settings: Settings, headless: bool, entry: Entry, bare: bool) -> int:
     # Until the primary installs its handlers, a HUP (`systemctl reload` during a deploy) must not kill it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not headless:
-        try:
-            from console.app import run_console
-        except ImportError:
-            print("clusterctl-tui: the console is not built yet; running headless", file=sys.stderr)
-        else:
-            return run_console(settings)
+        if entry.console is not None and sys.stdin.isatty() and sys.stdout.isatty():
+            return entry.console(settings, bare)
+        print("clusterctl-tui: no terminal (or no console); running headless: `up --headless` says so", file=sys.stderr)
     from .headless import run_headless
 
     return asyncio.run(run_headless(settings))

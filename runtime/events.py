@@ -6,6 +6,7 @@ headless log, the console, the store and the webhook outbox subscribe.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,7 +34,12 @@ class EventBus:
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         self._subscribers.append(subscriber)
-        return lambda: self._subscribers.remove(subscriber)
+
+        def unsubscribe() -> None:
+            if subscriber in self._subscribers:
+                self._subscribers.remove(subscriber)
+
+        return unsubscribe
 
     def publish(
         self,
@@ -49,5 +55,9 @@ class EventBus:
         """Publish an event made elsewhere (an attached console relays its primary's, times and all)."""
         self.recent.append(event)
         for subscriber in list(self._subscribers):
-            subscriber(event)
+            try:
+                subscriber(event)
+            except Exception as exc:  # a broken subscriber (a closed console) must not fail the publisher
+                self._subscribers.remove(subscriber)
+                print(f"clusterctl: dropped an event subscriber that failed: {exc!r}", file=sys.stderr)
         return event

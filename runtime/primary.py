@@ -48,11 +48,8 @@ class StartupError(Exception):
 
 
 class Primary:
-    def __init__(self, settings: Settings, console: bool = False) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # Under the console, SIGHUP is also how the kernel says the terminal went away (an SSH
-        # session dropped): then it means stop, not reload.
-        self.console = console
         self.pid = os.getpid()
         self.events = EventBus()
         self.started_at = ""
@@ -217,11 +214,6 @@ class Primary:
             )
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        if sig == signal.SIGHUP and self.console and not _have_terminal():
-            # Under the console, SIGHUP is also how the kernel says the terminal went away.
-            self.events.publish("cluster.hangup", "the console's terminal went away: stopping")
-            self.request_stop()
-            return
         cmd, args = commands.SIGNALS[sig]
         if cmd != "stop" and not self.running:
             # The workers being started already run the current code and count.
@@ -446,11 +438,3 @@ def _withhold_secrets(settings: Settings) -> None:
     for hook in settings.webhooks:
         if hook.secret.startswith("env:"):
             os.environ.pop(hook.secret[4:], None)
-
-
-def _have_terminal() -> bool:
-    try:
-        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
-    except OSError:
-        return False
-    return True
