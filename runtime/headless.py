@@ -1,4 +1,8 @@
-"""`clusterctl-tui up --headless`: the primary without the console, event lines on stderr."""
+"""`clusterctl-tui up --headless`: the primary without the console; event lines and worker output on stderr.
+
+Worker lines go to stderr as `w<slot>[<pid>] <text>` (journald stamps them), so `journalctl` shows an
+app's tracebacks; `WorkerLogs` writes them from a thread of its own, never from the event loop.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ def format_event(event: Event) -> str:
 
 async def run_headless(settings: Settings) -> int:
     primary = Primary(settings)
+    primary.echo = sys.stderr.fileno()
     primary.events.subscribe(lambda event: print(format_event(event), file=sys.stderr, flush=True))
     try:
         await primary.start()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -11,6 +13,9 @@ from textual.containers import Vertical
 from textual.widgets import Input, RichLog
 
 KEEP = 2000
+SHOW_PER_BATCH = 100  # a RichLog line costs about 0.2 ms to write, on the loop that also supervises the workers
+
+T = TypeVar("T")
 
 
 class EventsView(Vertical):
@@ -26,9 +31,26 @@ class EventsView(Vertical):
         yield RichLog(id="events-log", max_lines=KEEP, wrap=True, auto_scroll=True)
 
     def add(self, line: Text) -> None:
-        self.lines.append(line)
-        if not self.filter or self.filter in line.plain.lower():
-            self.query_one(RichLog).write(line)
+        self._write([line])
+
+    def add_batch(self, items: Sequence[T], render: Callable[[T], Text]) -> None:
+        """Many lines at once (worker output): the newest SHOW_PER_BATCH, after one line counting the rest.
+
+        Only the lines shown are rendered: a flood costs this view the same as a busy second.
+        """
+        hidden = len(items) - SHOW_PER_BATCH
+        lines = [render(item) for item in items[max(hidden, 0) :]]
+        if hidden > 0:
+            lines.insert(0, Text(f"… {hidden} lines not shown (output too fast)", style="dim italic"))
+        with self.app.batch_update():
+            self._write(lines)
+
+    def _write(self, lines: list[Text]) -> None:
+        self.lines.extend(lines)
+        log = self.query_one(RichLog)
+        for line in lines:
+            if not self.filter or self.filter in line.plain.lower():
+                log.write(line)
 
     def on_input_changed(self, event: Input.Changed) -> None:
         self.filter = event.value.strip().lower()
