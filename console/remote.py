@@ -130,4 +130,3 @@ class RemoteBackend:
         if self.path is None:
             raise ControlError("not attached to a primary")
         return await asyncio.to_thread(request, self.path, command, args, None)
-
