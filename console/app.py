@@ -61,8 +61,10 @@ DETACH = "detach"  # ClusterConsole.outcome when the console left a running clus
 
 
 def help_keys(attached: bool, detachable: bool) -> list[tuple[str, str]]:
+    palette = "command palette: every action by name"
     if attached:
-        leave = [("q / d", "close this console; the cluster keeps running"), ("ctrl+p", "palette: Stop cluster")]
+        leave = [("q / d", "close this console; the cluster keeps running")]
+        palette += " (Stop cluster stops it)"
     else:
         leave = [("q", "stop the cluster and quit (asks first)")]
         if detachable:
@@ -74,7 +76,7 @@ def help_keys(attached: bool, detachable: bool) -> list[tuple[str, str]]:
         ("g", "demo load generator on/off"),
         ("1 2 3 4", "workers / jobs / webhooks / events"),
         *leave,
-        ("ctrl+p", "command palette: every action by name"),
+        ("ctrl+p", palette),
         ("", "workers"),
         ("↑ ↓", "select a worker; its last output shows below"),
         ("k", "SIGKILL the selected worker (asks first)"),
@@ -393,6 +395,8 @@ def _event_line(event: Event) -> Text:
 
 
 def _log_line(line: LogLine) -> Text:
+    if line.worker_id == 0:  # clusterctl's own note about the output (lines dropped)
+        return Text(f"clusterctl: {line.text}", style="dim italic")
     text = Text(f"w{line.worker_id}[{line.pid}] ", style="bold magenta" if line.stream == "err" else "bold blue")
     text.append(line.text)
     return text

@@ -12,8 +12,8 @@ from console.app import ClusterConsole
 from console.sample import NOW, SampleBackend
 
 
-def sample_app() -> ClusterConsole:
-    app = ClusterConsole(SampleBackend(), start_backend=False, clock=lambda: NOW)
+def sample_app(attached: bool = False) -> ClusterConsole:
+    app = ClusterConsole(SampleBackend(), start_backend=False, clock=lambda: NOW, attached=attached)
     app.animation_level = "none"
     return app
 
@@ -38,6 +38,20 @@ async def settle(pilot) -> None:
     ids=["workers", "workers-80x24", "jobs", "webhooks", "events", "help-80x24"],
 )
 def test_view(snap_compare, keys, size, monkeypatch):
+    assert snap_compare(sample_app(), terminal_size=size, run_before=pressing(keys, monkeypatch))
+
+
+@pytest.mark.parametrize(
+    "keys, size",
+    [(["1"], (80, 24)), (["question_mark"], (80, 24))],
+    ids=["workers-80x24", "help-80x24"],
+)
+def test_attached_view(snap_compare, keys, size, monkeypatch):
+    """The console attached to a primary in another process: the same views, `attached` in the title, q leaves."""
+    assert snap_compare(sample_app(attached=True), terminal_size=size, run_before=pressing(keys, monkeypatch))
+
+
+def pressing(keys, monkeypatch):
     monkeypatch.setenv("TZ", "UTC")
     import time
 
@@ -48,4 +62,4 @@ def test_view(snap_compare, keys, size, monkeypatch):
         await pilot.press(*keys)
         await settle(pilot)
 
-    assert snap_compare(sample_app(), terminal_size=size, run_before=run_before)
+    return run_before
