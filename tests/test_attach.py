@@ -124,3 +124,31 @@ def test_attach_with_no_primary_says_so_and_exits_3(tmp_path):
     asyncio.run(run())
     assert app.return_value == 3
     assert "no running primary" in app.error
+
+
+def test_a_console_that_stops_reading_is_dropped_and_never_waited_on(start_cluster):
+    """A feed nobody reads (a frozen SSH session) fills its socket; the primary goes on answering, then lets go."""
+    import json
+    import socket as socketlib
+
+    from runtime.control import FEED_WRITE_TIMEOUT, socket_path
+
+    cluster = start_cluster(app="flood_app:app", workers=2)
+    stalled = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    stalled.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_RCVBUF, 4096)
+    stalled.connect(str(socket_path(cluster.db, cluster.proc.pid)))
+    stalled.sendall(json.dumps({"cmd": "subscribe"}).encode() + b"\n")
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < FEED_WRITE_TIMEOUT + 5:  # pacing: status must answer throughout
+            asked = time.monotonic()
+            assert cluster.status()["desired_workers"] == 2
+            assert time.monotonic() - asked < 2.0
+            time.sleep(0.5)
+        # Then the primary has given up on the stalled reader: what is left in its buffer ends in EOF.
+        stalled.settimeout(10)
+        while stalled.recv(1 << 20):
+            pass
+    finally:
+        stalled.close()
+    assert cluster.proc.poll() is None
