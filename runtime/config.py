@@ -7,6 +7,9 @@ exit 2.
 
 from __future__ import annotations
 
+import difflib
+import io
+import ipaddress
 import math
 import os
 import re
@@ -48,6 +51,13 @@ class ServerConfig:
     ready_timeout: float = 60.0
     keepalive_timeout: float = 5.0
     header_timeout: float = 10.0
+    # None leaves uvicorn's own default: FORWARDED_ALLOW_IPS, else 127.0.0.1 and ::1.
+    forwarded_allow_ips: tuple[str, ...] | None = None
+    socket_mode: int = 0o660
+    access_log: bool = False
+    env_file: Path | None = None
+    # What env_file held when the config was read: what workers get if it cannot be read at a spawn.
+    env_file_values: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,11 @@ class StoreConfig:
     path: Path = Path(".clusterctl/state.db")
     keep_runs: int = 1000
     keep_days: float = 30.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    bind: str | None = None  # HOST:PORT where the primary serves /metrics; None: no metrics server
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,7 @@ class Settings:
     app: AppConfig = AppConfig()
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
+    metrics: MetricsConfig = MetricsConfig()
     jobs: tuple[JobConfig, ...] = ()
     webhooks: tuple[WebhookConfig, ...] = ()
     source: Path | None = None
@@ -167,7 +183,7 @@ class _Section:
             raise ConfigError(f"{where} must be a table")
         unknown = sorted(set(table) - known)
         if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} ({_known_keys_hint(unknown[0], known)})")
         self.where = where
         self.table = table
 
@@ -210,7 +226,13 @@ class _Section:
         return tuple(value)
 
 
-_TOP = {"app", "server", "store", "jobs", "webhooks"}
+def _known_keys_hint(key: str, known: set[str]) -> str:
+    """The likely intended key when one is close (a typo), else the whole list to choose from."""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
+
+
+_TOP = {"app", "server", "store", "metrics", "jobs", "webhooks"}
 _APP = {"target", "interface", "before_start"}
 _SERVER = {
     "bind",
@@ -225,8 +247,13 @@ _SERVER = {
     "ready_timeout",
     "keepalive_timeout",
     "header_timeout",
+    "forwarded_allow_ips",
+    "socket_mode",
+    "access_log",
+    "env_file",
 }
 _STORE = {"path", "keep_runs", "keep_days"}
+_METRICS = {"bind"}
 _JOB = {
     "name",
     "schedule",
@@ -246,6 +273,7 @@ KNOWN_KEYS: dict[str, frozenset[str]] = {
     "app": frozenset(_APP),
     "server": frozenset(_SERVER),
     "store": frozenset(_STORE),
+    "metrics": frozenset(_METRICS),
     "jobs": frozenset(_JOB),
     "webhooks": frozenset(_WEBHOOK),
 }
@@ -255,11 +283,14 @@ def _build(raw: dict[str, Any], overrides: dict[str, Any], source: Path | None, 
     label = str(source) if source else "config"
     top = _Section(label, raw, _TOP)
     app = _app(_Section(f"{label}: [app]", raw.get("app", {}), _APP), overrides)
-    server = _server(_Section(f"{label}: [server]", raw.get("server", {}), _SERVER), overrides)
+    # env_file is relative to the config file, which need not be in the working directory.
+    here = source.parent if source else cwd
+    server = _server(_Section(f"{label}: [server]", raw.get("server", {}), _SERVER), overrides, here)
     store = _store(_Section(f"{label}: [store]", raw.get("store", {}), _STORE), overrides, cwd)
+    metrics = _metrics(_Section(f"{label}: [metrics]", raw.get("metrics", {}), _METRICS), server)
     jobs = _jobs(label, top.table.get("jobs", []))
     webhooks = _webhooks(label, top.table.get("webhooks", []))
-    return Settings(app=app, server=server, store=store, jobs=jobs, webhooks=webhooks, source=source)
+    return Settings(app=app, server=server, store=store, metrics=metrics, jobs=jobs, webhooks=webhooks, source=source)
 
 
 def _app(s: _Section, overrides: dict[str, Any]) -> AppConfig:
@@ -273,7 +304,7 @@ def _app(s: _Section, overrides: dict[str, Any]) -> AppConfig:
     return AppConfig(target=target, interface=interface or "auto", before_start=before_start)
 
 
-def _server(s: _Section, overrides: dict[str, Any]) -> ServerConfig:
+def _server(s: _Section, overrides: dict[str, Any], here: Path) -> ServerConfig:
     bind = overrides.get("bind") or s.string("bind", ServerConfig.bind)
     assert bind is not None
     try:
@@ -287,6 +318,10 @@ def _server(s: _Section, overrides: dict[str, Any]) -> ServerConfig:
     if health is not None and not health.startswith("/"):
         raise s.fail("health_path", f"must start with '/', got {health!r}")
     max_requests = s.number("max_requests", 0, integer=True)
+    access_log = s.table.get("access_log", False)
+    if not isinstance(access_log, bool):
+        raise s.fail("access_log", f"expected true or false, got {access_log!r}")
+    env_file, env_file_values = _env_file(s, here)
     return ServerConfig(
         bind=bind,
         workers=workers,
@@ -300,7 +335,80 @@ def _server(s: _Section, overrides: dict[str, Any]) -> ServerConfig:
         ready_timeout=s.number("ready_timeout", 60.0, minimum=0.5),
         keepalive_timeout=s.number("keepalive_timeout", 5.0, minimum=0.1),
         header_timeout=s.number("header_timeout", 10.0, minimum=0.1),
+        forwarded_allow_ips=_forwarded_allow_ips(s),
+        socket_mode=_socket_mode(s),
+        access_log=access_log,
+        env_file=env_file,
+        env_file_values=tuple(env_file_values.items()),
     )
+
+
+def _forwarded_allow_ips(s: _Section) -> tuple[str, ...] | None:
+    if not s.has("forwarded_allow_ips"):
+        return None
+    value = s.table["forwarded_allow_ips"]
+    if value == "*" or value == ["*"]:
+        return ("*",)
+    usage = 'expected "*" or a list of IP addresses and networks, like ["127.0.0.1", "10.0.0.0/8"]'
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or "*" in value:
+        raise s.fail("forwarded_allow_ips", f"{usage}, got {value!r}")
+    for host in value:
+        # uvicorn would take anything else as a literal that no peer address ever equals: refused
+        # here, so a typo cannot quietly turn the proxy's headers off.
+        try:
+            if "/" in host:
+                ipaddress.ip_network(host)
+            else:
+                ipaddress.ip_address(host)
+        except ValueError as exc:
+            raise s.fail("forwarded_allow_ips", f"{usage}; {host!r} is not one ({exc})") from None
+    return tuple(value)
+
+
+def _socket_mode(s: _Section) -> int:
+    value = s.table.get("socket_mode", "0660")
+    if not isinstance(value, str) or not re.fullmatch(r"[0-7]{1,4}", value):
+        # Not a TOML integer: 660 would be read as decimal, which is not the mode anyone means.
+        raise s.fail("socket_mode", f'expected an octal string of up to 4 digits, like "0660", got {value!r}')
+    return int(value, 8)
+
+
+def _env_file(s: _Section, here: Path) -> tuple[Path | None, dict[str, str]]:
+    raw = s.string("env_file", None)
+    if raw is None:
+        return None, {}
+    if "\0" in raw:
+        raise s.fail("env_file", "a path cannot contain a NUL byte")
+    try:
+        path = Path(raw).expanduser()
+    except RuntimeError as exc:  # ~user that does not exist
+        raise s.fail("env_file", str(exc)) from None
+    path = here / path
+    try:
+        return path, read_env_file(path)
+    except ConfigError as exc:
+        raise s.fail("env_file", str(exc)) from None
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The KEY=VALUE lines of an env file, read as python-dotenv reads `.env` (quotes, `export`, ${VAR}).
+
+    A name with no `=` has no value to add and is left out. ConfigError names the file.
+    """
+    from dotenv import dotenv_values  # only for a config that has an env_file
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read {path}: the file is not UTF-8") from None
+    values = {key: value for key, value in dotenv_values(stream=io.StringIO(text)).items() if value is not None}
+    for key, value in values.items():
+        # An environment cannot hold these; the spawn of every worker would fail on them.
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise ConfigError(f"{path}: {key!r} cannot be an environment variable (a NUL byte, or = in its name)")
+    return values
 
 
 def is_import_target(target: str) -> bool:
@@ -352,6 +460,22 @@ def _store(s: _Section, overrides: dict[str, Any], cwd: Path) -> StoreConfig:
     )
 
 
+def _metrics(s: _Section, server: ServerConfig) -> MetricsConfig:
+    bind = s.string("bind", None)
+    if bind is None:
+        return MetricsConfig()
+    # Prometheus scrapes over TCP, and an operator must know the port to point it at: no unix:, no port 0.
+    try:
+        target = None if bind.startswith("unix:") else parse_bind(bind)
+    except ConfigError:
+        target = None
+    if not isinstance(target, tuple) or target[1] == 0:
+        raise s.fail("bind", f"expected HOST:PORT with a port from 1 to 65535, like 127.0.0.1:9464, got {bind!r}")
+    if bind == server.bind:
+        raise s.fail("bind", f"{bind} is the app's own bind ([server] bind); pick another port")
+    return MetricsConfig(bind=bind)
+
+
 def _list_of_tables(label: str, key: str, value: Any) -> list[Any]:
     if not isinstance(value, list):
         raise ConfigError(f"{label}: {key} must be an array of tables ([[{key}]])")
@@ -382,7 +506,14 @@ def _jobs(label: str, raw: Any) -> tuple[JobConfig, ...]:
         if schedule is None:
             raise s.fail("schedule", "missing")
         if not cron.is_valid(schedule):
-            raise s.fail("schedule", f"not a valid cron expression (5 fields, or 6 with seconds first): {schedule!r}")
+            raise s.fail(
+                "schedule",
+                f"not a valid cron expression (5 fields, 6 with seconds first, or @hourly, @daily, @weekly, "
+                f"@monthly, @yearly): {schedule!r}",
+            )
+        if not cron.ever_fires(schedule):
+            # Refused here, not at the first slot: the primary would start and the job would never run.
+            raise s.fail("schedule", f"{schedule!r} never fires: no date matches it")
         timezone = s.string("timezone", "UTC")
         assert timezone is not None
         try:

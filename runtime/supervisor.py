@@ -33,7 +33,7 @@ import psutil
 from . import balance
 from .balance import ConnectionBoard
 from .channel import EXIT_BOOT_ERROR, SPEC_ENV, health_socket_name
-from .config import MAX_WORKERS, Settings
+from .config import MAX_WORKERS, ConfigError, Settings, read_env_file
 from .events import EventBus
 from .listeners import Listener
 from .logs import OutputReader, WorkerLogs
@@ -290,8 +290,19 @@ class Supervisor:
             "keepalive_timeout": self.server.keepalive_timeout,
             "header_timeout": self.server.header_timeout,
             "graceful_timeout": self.server.graceful_timeout,
+            "forwarded_allow_ips": self.server.forwarded_allow_ips,
+            "access_log": self.server.access_log,
         }
-        env = dict(os.environ)
+        app_env = dict(self.server.env_file_values)
+        if self.server.env_file is not None:
+            # Read at each spawn, so a reload picks up an edit without restarting the primary; one that
+            # cannot be read any more (mid-deploy) must not leave the worker without its settings.
+            try:
+                app_env = read_env_file(self.server.env_file)
+            except ConfigError as exc:
+                print(f"clusterctl: env_file: {exc}; the worker gets the values read at start", file=sys.stderr)
+        # The primary's own environment wins over the file, as with python-dotenv's load_dotenv().
+        env = {**app_env, **os.environ}
         env.update(
             {
                 "CLUSTERCTL_INSTANCE_TYPE": "worker",

@@ -38,6 +38,8 @@ from typing import Any
 
 import uvicorn
 import uvloop
+from uvicorn.logging import AccessFormatter
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.server import ServerState
 
 from . import balance
@@ -179,6 +181,46 @@ class MetricsMiddleware:
         finally:
             counters.in_flight -= 1
             counters.record(status, perf_counter() - started)
+
+
+# The peer of a unix socket, named for the proxy-headers check: a host no peer address can equal.
+_UNIX_PEER = ("unix:", 0)
+
+
+class ForwardedHeaders:
+    """uvicorn's X-Forwarded-For/-Proto handling, with the peer on a unix socket trusted as well.
+
+    uvicorn trusts a peer by its address, and a unix socket's peer has none (`scope["client"]` is
+    None), so behind nginx on a `unix:` bind it ignored the headers unless told to trust anyone
+    ("*"): the app saw http and no client. Only a process on this host that the socket file's mode
+    (`socket_mode`) lets in can connect there, the proxy, so it is trusted, as gunicorn trusts a
+    unix-socket peer. The hops it reports are still judged by `forwarded_allow_ips` from the right,
+    as uvicorn does, so a client cannot pick its own address through a proxy that appends to the header.
+    """
+
+    def __init__(self, app: Any, trusted: list[str] | str) -> None:
+        hosts = [host.strip() for host in trusted.split(",")] if isinstance(trusted, str) else list(trusted)
+        self.app = app
+        self.tcp = ProxyHeadersMiddleware(app, hosts)
+        # With "*" uvicorn trusts every peer, addressless ones too.
+        trust_all = hosts == ["*"]
+        self.unix = None if trust_all else ProxyHeadersMiddleware(self._unmark, [*hosts, _UNIX_PEER[0]])
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        server = scope.get("server")
+        # Addressless on a unix socket, whose local "address" is a path with no port. Not a TCP peer
+        # that reset before uvicorn read its address: that one has no address, but its server has a port.
+        if self.unix is not None and scope.get("client") is None and (server is None or server[1] is None):
+            if scope["type"] in ("http", "websocket"):
+                scope["client"] = _UNIX_PEER
+                await self.unix(scope, receive, send)
+                return
+        await self.tcp(scope, receive, send)
+
+    async def _unmark(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["client"] is _UNIX_PEER:  # no X-Forwarded-For: the app sees the unix peer as uvicorn shows it
+            scope["client"] = None
+        await self.app(scope, receive, send)
 
 
 class Acceptor:
@@ -385,16 +427,23 @@ class Worker:
         self._spawn(self._listen(reader))
         loop.add_signal_handler(signal.SIGTERM, self.begin_drain)
 
+        if self.spec["access_log"]:
+            _log_access_to_stdout()
         config = uvicorn.Config(
             app=self.app,
             interface="asgi3",
             http="httptools",
             lifespan="off" if self.interface == "wsgi" else "auto",
-            access_log=False,
+            access_log=self.spec["access_log"],
             log_config=None,
             timeout_keep_alive=self.spec["keepalive_timeout"],
+            # Applied by ForwardedHeaders below, which also trusts the proxy on a unix: bind.
+            proxy_headers=False,
+            # None (the key not in the config) leaves uvicorn's default: FORWARDED_ALLOW_IPS, else loopback.
+            forwarded_allow_ips=self.spec["forwarded_allow_ips"],
         )
         config.load()
+        config.loaded_app = ForwardedHeaders(config.loaded_app, config.forwarded_allow_ips)
         self._spawn(self._date_header(config.encoded_headers))
         self.lifespan = config.lifespan_class(config)
         await self.lifespan.startup()
@@ -517,6 +566,21 @@ class Worker:
             date = formatdate(time.time(), usegmt=True).encode()
             self.state.default_headers = [(b"date", date), *encoded_headers]
             await asyncio.sleep(1)
+
+
+def _log_access_to_stdout() -> None:
+    """uvicorn's access line for each request, on stdout, which the primary keeps in workers.log.
+
+    With `log_config=None` uvicorn leaves logging to the app, so the line needs a handler of its own;
+    no timestamp (the primary stamps every line) and no propagation (an app that logs the root logger
+    to stdout would print it twice).
+    """
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False))
+    logger = logging.getLogger("uvicorn.access")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _not_cancelled(record: logging.LogRecord) -> bool:
