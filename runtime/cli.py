@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
 import os
 import re
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +41,7 @@ CLI_COMMANDS = {name for name, command in COMMANDS.items() if command.cli} | {
     "history",
     "webhooks",
     "logs",
+    "systemd-unit",
 }
 
 
@@ -59,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="clusterctl-tui",
         description="Run a Python web app as a supervised pre-fork cluster, with a live console.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -115,17 +119,25 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--status", action="append", choices=("dead", "failed", "delivered"), help="which deliveries (default: all)"
     )
-    with_config(sub.add_parser("check", help="validate the config and exit"))
+    with_config(sub.add_parser("check", help="validate the config, import the app in a child process, and exit"))
     control("attach", "the console, on the primary running for this store (q leaves it running)")
     logs = with_config(sub.add_parser("logs", help="the workers' output lines, read from logs/workers.log"))
     logs.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="print the last N lines (default 50)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing lines as they come, until Ctrl+C")
     logs.add_argument("--worker", type=int, metavar="ID", help="only this worker slot")
+    unit = with_config(sub.add_parser("systemd-unit", help="print a systemd unit that runs this config headless"))
+    unit.add_argument("--socket", action="store_true", help="also print the matching .socket unit (socket activation)")
+    unit.add_argument("--app", metavar="MODULE:ATTR", help="as for `up`: passed on in ExecStart=")
+    unit.add_argument("--bind", metavar="ADDR", help="as for `up`: passed on in ExecStart=")
+    unit.add_argument("--workers", metavar="N", help="as for `up`: passed on in ExecStart=")
     return parser
 
 
 def main(argv: list[str] | None = None, entry: Entry = Entry()) -> None:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and not args_list[0].startswith("-") and args_list[0] not in CLI_COMMANDS:
+        # Only flags may stand for `up`: a mistyped command must not start a cluster or read as up's argument.
+        _fail(_unknown_command(args_list[0]))
     bare = not args_list or (args_list[0] not in CLI_COMMANDS and args_list[0] not in ("-h", "--help", "--version"))
     if bare:
         args_list.insert(0, "up")
@@ -155,6 +167,40 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     sys.exit(code)
 
 
+def version() -> str:
+    """The installed distribution's version; a source tree that was never installed reads pyproject.toml."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("clusterctl-tui")
+    except PackageNotFoundError:
+        import tomllib
+
+        try:
+            with (Path(__file__).resolve().parent.parent / "pyproject.toml").open("rb") as fh:
+                return str(tomllib.load(fh)["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """argparse's `version` action, but the version is looked up only when asked for (not on every command)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"clusterctl-tui {version()}")
+        parser.exit()
+
+
+def _unknown_command(word: str) -> str:
+    close = difflib.get_close_matches(word, sorted(CLI_COMMANDS), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"commands: {', '.join(sorted(CLI_COMMANDS))}"
+    return f"unknown command {word!r} ({hint})"
+
+
 def _settings(args: argparse.Namespace, **flags: Any) -> Settings:
     overrides = {key: value for key, value in flags.items() if value is not None}
     if getattr(args, "db", None):
@@ -179,12 +225,15 @@ def _dispatch(args: argparse.Namespace, entry: Entry, bare: bool) -> int:
     if args.command == "check":
         settings = _settings(args)
         _resolve_secrets(settings)
+        interface = _import_app(settings)
         source = settings.source or "no config file (the bundled demo)"
         print(
-            f"config OK ({source}): app {settings.app.target}, bind {settings.server.bind}, "
+            f"config OK ({source}): app {settings.app.target} ({interface}), bind {settings.server.bind}, "
             f"{settings.server.workers} workers, {len(settings.jobs)} jobs, {len(settings.webhooks)} webhooks"
         )
         return 0
+    if args.command == "systemd-unit":
+        return _systemd_unit(args)
     settings = _settings(args)
     if args.command == "logs":
         from .logfiles import run_logs
@@ -232,6 +281,19 @@ def _dispatch(args: argparse.Namespace, entry: Entry, bare: bool) -> int:
     return 0
 
 
+def _systemd_unit(args: argparse.Namespace) -> int:
+    from .systemd import render_units
+
+    if args.workers is not None:
+        parse_workers(args.workers, "--workers")
+    settings = _settings(args, app=args.app, bind=args.bind, workers=args.workers)
+    flags = [
+        arg for flag in ("app", "bind", "workers") if getattr(args, flag) for arg in (f"--{flag}", getattr(args, flag))
+    ]
+    print(render_units(settings, flags, args.socket), end="")
+    return 0
+
+
 def _resolve_secrets(settings: Settings) -> None:
     """Every webhook secret, resolved as `up` resolves it; the message names the reference, never the value."""
     from .demo import with_demo_extras
@@ -242,6 +304,62 @@ def _resolve_secrets(settings: Settings) -> None:
             resolve_secret(hook.secret, hook.name)
         except SecretError as exc:
             raise ConfigError(str(exc)) from None
+
+
+# `check` runs this in a fresh interpreter (cwd on sys.path, as for `python -m runtime.worker`), so the
+# import is the one a worker does. Anything the app prints goes to stderr, leaving the last line of stdout
+# for the verdict; os._exit so that threads the app started at import time cannot keep it running.
+_IMPORT_PROBE = """
+import json, os, sys
+verdict_out, sys.stdout = sys.stdout, sys.stderr
+from runtime.worker import AppLoadError, load_app
+try:
+    verdict = {"interface": load_app(sys.argv[1], sys.argv[2])[1]}
+except AppLoadError as exc:
+    verdict = {"error": str(exc)}
+verdict_out.write("\\n" + json.dumps(verdict) + "\\n")
+verdict_out.flush()
+os._exit(0)
+"""
+
+
+def _import_app(settings: Settings) -> str:
+    """Import the app as a worker would, in a child process; the interface it was detected as."""
+    target = settings.app.target
+    env = {
+        # A worker's environment (see Supervisor's spawn), without the channel to a primary: there is none.
+        **dict(settings.server.env_file_values),
+        **os.environ,
+        "CLUSTERCTL_INSTANCE_TYPE": "worker",
+        "CLUSTERCTL_WORKER_ID": "1",
+        "CLUSTERCTL_PRIMARY_PID": str(os.getpid()),
+        "CLUSTERCTL_DB": str(settings.store.path),
+        "CLUSTERCTL_GENERATION": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    timeout = settings.server.ready_timeout  # what a starting worker gets, import included
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _IMPORT_PROBE, target, settings.app.interface],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"app {target!r} was still importing after {timeout:g}s (server.ready_timeout)") from None
+    try:
+        verdict = json.loads(result.stdout.splitlines()[-1])
+    except (IndexError, ValueError):
+        last = result.stderr.strip().splitlines()[-1:]  # a crash's own last words, if it had any
+        raise ConfigError(
+            f"cannot import app {target!r}: the importing process ended with status {result.returncode}"
+            + "".join(f": {line}" for line in last)
+        ) from None
+    if "error" in verdict:
+        raise ConfigError(verdict["error"])
+    return str(verdict["interface"])
 
 
 def _scale_args(text: str) -> dict[str, int]:

@@ -20,14 +20,15 @@ from typing import Any
 
 import psutil
 
-from . import commands, wire
+from . import commands, systemd, wire
 from .config import Settings
 from .control import ControlError, ControlServer, Feed, socket_path
 from .events import Event, EventBus
-from .listeners import BindError, Listener, bind
+from .listeners import BindError, Listener, bind, inherit
 from .logs import LogLine, WorkerLogs
 from .metrics import HISTORY, percentile
 from .outbox import SecretError, resolve_secret
+from .prometheus import MetricsError, MetricsExporter
 from .scheduler import Scheduler
 from .snapshot import ClusterSnapshot, Delivery, JobRun
 from .store import AsyncStore, Store, StoreError, utc_now_iso
@@ -57,10 +58,12 @@ class Primary:
         self.logs: WorkerLogs | None = None
         self.echo: int | None = None  # a descriptor that also gets every worker line (headless: stderr)
         self.listener: Listener | None = None
+        self.systemd: systemd.ServiceNotifier | None = None  # speaking to systemd, when it listens
         self.control: ControlServer | None = None
         self.supervisor: Supervisor | None = None
         self.scheduler: Scheduler | None = None
         self.webhooks: WebhookRunner | None = None
+        self.metrics: MetricsExporter | None = None  # /metrics, when [metrics] bind is set
         self.webhook_counts = {"pending": 0, "failed": 0, "delivered": 0, "dead": 0}
         self.primary_cpu = 0.0
         self.primary_rss = 0
@@ -83,6 +86,8 @@ class Primary:
         self._stopped = asyncio.Event()
         # First of all: a HUP or TERM at any moment of start-up is ours to handle, never a kill.
         self._install_signals()
+        # Before any child exists: NOTIFY_SOCKET leaves our environment here, so none speaks for the service.
+        self.systemd = systemd.ServiceNotifier.attach(self)
         starting = asyncio.ensure_future(self._start())
         stop = asyncio.ensure_future(self._stop_requested.wait())
         try:
@@ -102,6 +107,8 @@ class Primary:
             stop.cancel()
         self.started_at = utc_now_iso()
         self.running = True
+        if self.systemd is not None:
+            self.systemd.ready()
 
     async def _start(self) -> None:
         settings = self.settings
@@ -109,8 +116,10 @@ class Primary:
         try:
             for hook in settings.webhooks:
                 resolve_secret(hook.secret, hook.name)
-            self.listener = bind(settings.server.bind)
-        except (SecretError, BindError) as exc:
+            self.listener = self._listen()
+            # Bound beside the app's port: a taken port stops the start before any worker runs.
+            self.metrics = MetricsExporter.serve(settings.metrics.bind) if settings.metrics.bind else None
+        except (SecretError, BindError, MetricsError) as exc:
             raise StartupError(str(exc)) from None
         # Only now, with the port ours, may this primary touch state it shares with others on the store.
         try:
@@ -138,10 +147,25 @@ class Primary:
         self.scheduler = Scheduler(settings.jobs, self.store, self.events, self.primary_env(), self.pid)
         await self.scheduler.start()
         self._spawn(self._housekeeping())
+        if self.metrics is not None:
+            self.metrics.watch(self)
         self.events.publish(
             "cluster.started",
             f"serving {settings.app.target} on {self.listener.address} with {self.supervisor.desired} workers",
         )
+
+    def _listen(self) -> Listener:
+        """The sockets systemd passed (socket activation), else `bind` bound by us."""
+        fds = systemd.listen_fds()
+        if not fds:
+            return bind(self.settings.server.bind, self.settings.server.socket_mode)
+        listener = inherit(fds)
+        self.events.publish(
+            "cluster.listening",
+            f"serving the socket systemd passed in (LISTEN_FDS={len(fds)}: {listener.address});"
+            f" bind {self.settings.server.bind} is not used",
+        )
+        return listener
 
     async def wait(self) -> None:
         """Return once a stop was requested and the cluster has drained."""
@@ -158,6 +182,8 @@ class Primary:
         if self._stopped.is_set():
             return
         self.running = False
+        if self.systemd is not None:
+            self.systemd.stopping()
         if self.supervisor is not None and self.supervisor.slots:
             self.events.publish("cluster.stopping", "stopping: draining all workers")
         for sig in self._signals:
@@ -171,6 +197,8 @@ class Primary:
             await self.webhooks.stop()
         for task in list(self._tasks):
             task.cancel()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.control is not None:
             await self.control.close()
         if self.listener is not None:
@@ -179,6 +207,8 @@ class Primary:
             self.logs.close()
         if self.store is not None:
             self.store.close()
+        if self.systemd is not None:
+            self.systemd.close()
         self._stopped.set()
         self.events.publish("cluster.stopped", "stopped")
 
