@@ -14,6 +14,9 @@ UTC timeline here, with the rules of Vixie cron:
   occurrence, for a fixed-time job (minute and hour fields without `*`), and
   at both occurrences for a job whose minute or hour field is a wildcard
   (`*/5 * * * *` keeps running every five minutes through both passes).
+
+The nicknames of Vixie cron (`@hourly`, `@daily`, ...) stand for their 5-field
+forms; `@reboot` names no instant, so it is not a schedule here.
 """
 
 from __future__ import annotations
@@ -22,23 +25,55 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 # No zone sets its clock back by more than this at once; it bounds the look-ahead.
 MAX_SHIFT = timedelta(hours=3)
+# As crontab(5) defines them; expanded here so the field count and `fixed_time` see the real fields.
+NICKNAMES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+# Any fixed instant will do: with no year field a schedule repeats within croniter's 50-year search
+# (February 29th on a given weekday comes round within 40 years), so one that ever fires fires after this.
+_REFERENCE = datetime(2000, 1, 1)
+
+
+def expand(expression: str) -> str:
+    """The 5- or 6-field form of `expression`: a nickname's, otherwise the expression itself."""
+    return NICKNAMES.get(expression.strip(), expression)
 
 
 def is_valid(expression: str) -> bool:
+    expression = expand(expression)
     fields = expression.split()
     if len(fields) not in (5, 6):
         return False
     return croniter.is_valid(expression, second_at_beginning=True)
 
 
+def ever_fires(expression: str) -> bool:
+    """Whether a valid expression names any instant at all (`0 3 30 2 *`, February 30th, never does).
+
+    The scheduler would find out only when it looks for the first slot, after the primary has started.
+    """
+    try:
+        croniter(expand(expression), _REFERENCE, second_at_beginning=True).get_next(datetime)
+    except CroniterBadDateError:
+        return False
+    return True
+
+
 class CronSchedule:
     def __init__(self, expression: str, timezone: str = "UTC") -> None:
         if not is_valid(expression):
             raise ValueError(f"not a valid cron expression: {expression!r}")
+        expression = expand(expression)
         self.expression = expression
         self.zone = ZoneInfo(timezone)
         fields = expression.split()

@@ -102,7 +102,8 @@ class _Outbox:
     """One per process and store path: a connection and a short-lived cache of endpoint filters."""
 
     def __init__(self, path: Path, wait_ms: int) -> None:
-        self.store = Store(path, busy_timeout_ms=wait_ms)
+        # Never creates or migrates the file, for the reason `_follow_file` gives: the primary does that.
+        self.store = Store(path, busy_timeout_ms=wait_ms, prepare=False)
         self.lock = threading.Lock()
         self._endpoints: list[tuple[str, list[str]]] = []
         self._fetched = 0.0

@@ -203,7 +203,14 @@ class Scheduler:
                     gone = (cursor - now).total_seconds()
                     self.events.publish("job.clock", f"{job.name}: the clock went back {gone:.0f}s; resuming now")
                     cursor = now
-                slot = state.schedule.next_after(cursor)
+                try:
+                    slot = state.schedule.next_after(cursor)
+                except Exception as exc:  # raised out of this task, it would end it without a word
+                    state.next_run = None
+                    self.events.publish(
+                        "job.stopped", f"{job.name}: schedule {job.schedule!r} has no next slot ({exc}); not scheduled"
+                    )
+                    return
                 state.next_run = slot
                 if not await self._sleep_until(state, slot, cursor):
                     continue  # woken early (pause/resume, the clock went back): recompute

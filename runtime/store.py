@@ -28,8 +28,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import sqlite_utils
-
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 10_000
 FILE_MODE = 0o600  # it holds webhook URLs (credentials and all) and every payload
@@ -148,6 +146,10 @@ def _schema_version(conn: sqlite3.Connection) -> int:
 
 def _schema_1(conn: sqlite3.Connection) -> None:
     """The tables and indexes of the first release (IF NOT EXISTS: stores from before versioning have them)."""
+    # Imported here, by the one process that migrates: sqlite_utils (with click and pluggy) is most of
+    # this module's import time, and every worker that calls emit() imports this module.
+    import sqlite_utils
+
     db = sqlite_utils.Database(conn)
     db["worker_events"].create(
         {
@@ -261,17 +263,22 @@ class Store:
     """`clock` (seconds since the epoch) stamps and ages every row, so tests can pin "now".
 
     `busy_timeout_ms` is how long a write waits for another connection's lock before it fails.
+    `prepare=False` (an emitter) opens only a file whose schema is already there, as `reopen` does.
     """
 
     def __init__(
-        self, path: Path, clock: Callable[[], float] = time.time, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+        self,
+        path: Path,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        prepare: bool = True,
     ) -> None:
         self.path = path
         self.clock = clock
         self.busy_timeout_ms = busy_timeout_ms
         # The endpoints this process published, so that a store file recreated under it has them again.
         self._published: list[dict[str, Any]] | None = None
-        self.conn, self._file = self._open(prepare=True)
+        self.conn, self._file = self._open(prepare)
 
     def _open(self, prepare: bool) -> tuple[sqlite3.Connection, tuple[int, int]]:
         """Connect to the file at `path`; `prepare` creates it if need be and migrates it, otherwise it

@@ -81,6 +81,7 @@ def test_check_refuses_unknown_key(tmp_path: Path) -> None:
 
 
 def test_check_accepts_valid_config(tmp_path: Path) -> None:
+    (tmp_path / "myapp.py").write_text("async def app(scope, receive, send):\n    pass\n")  # check imports it
     (tmp_path / "clusterctl.toml").write_text(
         '[app]\ntarget = "myapp:app"\n[server]\nworkers = 2\n'
         '[[jobs]]\nname = "cleanup"\nschedule = "*/5 * * * *"\ncommand = ["true"]\n'
