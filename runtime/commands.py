@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .control import ControlError
-from .supervisor import ReloadFailed, ReloadInterrupted
+from .supervisor import ReloadFailed, ReloadInterrupted, ReloadRefused
 from .wire import encode
 
 if TYPE_CHECKING:
@@ -110,7 +110,10 @@ async def _scale(primary: Primary, args: dict[str, Any]) -> Any:
 
 async def _reload(primary: Primary, args: dict[str, Any]) -> Any:
     try:
-        return {"generation": await primary.reload()}
+        generation = await primary.reload()
+        return {"generation": generation, "config": primary.config_changes}
+    except ReloadRefused as exc:
+        raise ControlError(f"reload refused: {exc}") from None
     except ReloadInterrupted:
         raise ControlError("reload interrupted: the cluster is stopping") from None
     except ReloadFailed as exc:
@@ -205,7 +208,9 @@ COMMANDS: dict[str, Command] = {
             "reload",
             "rolling restart; exits non-zero if it rolled back",
             _reload,
-            report=lambda r: f"reloaded: generation {r['generation']}",
+            report=lambda r: (
+                f"reloaded: generation {r['generation']}" + (f" ({'; '.join(r['config'])})" if r.get("config") else "")
+            ),
             keys=(Key("r", "Restart"),),
             title="Rolling restart",
             confirm="Rolling restart of every worker, one slot at a time?",

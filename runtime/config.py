@@ -109,10 +109,17 @@ class Settings:
     jobs: tuple[JobConfig, ...] = ()
     webhooks: tuple[WebhookConfig, ...] = ()
     source: Path | None = None
+    # How these settings were made (the `up` flags and the directory), so a reload reads them the same way.
+    overrides: tuple[tuple[str, Any], ...] = field(default=(), repr=False, compare=False)
+    cwd: Path | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_demo(self) -> bool:
         return self.app.target == DEMO_TARGET
+
+    def reread(self) -> Settings:
+        """The settings as the config file says now, with the same flags; ConfigError if it no longer validates."""
+        return load_settings(self.source, dict(self.overrides), self.cwd)
 
 
 def usable_cpus() -> int:
@@ -290,7 +297,17 @@ def _build(raw: dict[str, Any], overrides: dict[str, Any], source: Path | None, 
     metrics = _metrics(_Section(f"{label}: [metrics]", raw.get("metrics", {}), _METRICS), server)
     jobs = _jobs(label, top.table.get("jobs", []))
     webhooks = _webhooks(label, top.table.get("webhooks", []))
-    return Settings(app=app, server=server, store=store, metrics=metrics, jobs=jobs, webhooks=webhooks, source=source)
+    return Settings(
+        app=app,
+        server=server,
+        store=store,
+        metrics=metrics,
+        jobs=jobs,
+        webhooks=webhooks,
+        source=source,
+        overrides=tuple(sorted(overrides.items())),
+        cwd=cwd,
+    )
 
 
 def _app(s: _Section, overrides: dict[str, Any]) -> AppConfig:

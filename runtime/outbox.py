@@ -24,7 +24,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,11 @@ def matches(patterns: list[str] | tuple[str, ...], kind: str) -> bool:
     return False
 
 
-def resolve_secret(reference: str, webhook: str) -> bytes:
-    """`env:NAME`, `file:PATH` or a literal `whsec_<base64>` → the HMAC key bytes."""
+def resolve_secret(reference: str, webhook: str, environ: Mapping[str, str] | None = None) -> bytes:
+    """`env:NAME` (from `environ`, default os.environ), `file:PATH` or a literal `whsec_<base64>` → the key bytes."""
     if reference.startswith("env:"):
         name = reference[4:]
-        value = os.environ.get(name)
+        value = (os.environ if environ is None else environ).get(name)
         if value is None:
             raise SecretError(f"webhook {webhook!r}: secret env:{name} is not set")
     elif reference.startswith("file:"):

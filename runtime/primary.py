@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -21,8 +22,9 @@ from typing import Any
 import psutil
 
 from . import commands, systemd, wire
-from .config import Settings
+from .config import ConfigError, Settings
 from .control import ControlError, ControlServer, Feed, socket_path
+from .demo import with_demo_extras
 from .events import Event, EventBus
 from .listeners import BindError, Listener, bind, inherit
 from .logs import LogLine, WorkerLogs
@@ -32,7 +34,7 @@ from .prometheus import MetricsError, MetricsExporter
 from .scheduler import Scheduler
 from .snapshot import ClusterSnapshot, Delivery, JobRun
 from .store import AsyncStore, Store, StoreError, utc_now_iso
-from .supervisor import BootError, ReloadInterrupted, Supervisor
+from .supervisor import BootError, ReloadInterrupted, ReloadRefused, Supervisor
 from .webhooks import WebhookRunner
 
 HOUSEKEEPING_INTERVAL = 1.0
@@ -73,6 +75,8 @@ class Primary:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._signals: list[int] = []
         self.running = False  # started, and not yet stopping
+        self._withheld: dict[str, str] = {}  # env: webhook secrets, kept here only, for a reload to resolve again
+        self.config_changes: list[str] = []  # what the last reload took from the config file
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -127,7 +131,7 @@ class Primary:
         except StoreError as exc:
             raise StartupError(str(exc)) from None
         self.webhooks = WebhookRunner(settings.webhooks, self.store, self.events, self.pid)
-        _withhold_secrets(settings)
+        self._withheld.update(_withhold_secrets(settings))
         try:
             self.logs = WorkerLogs(store_path.parent / "logs", echo=self.echo)
         except OSError as exc:
@@ -292,15 +296,67 @@ class Primary:
         return self.supervisor.kill(worker_id)
 
     async def reload(self) -> int:
-        """Rolling restart; returns the new generation, raises ReloadFailed if it rolled back
-        (ReloadInterrupted if the cluster began to stop meanwhile)."""
+        """Re-read the config file and apply it, then a rolling restart; returns the new generation.
+
+        ReloadRefused (nothing changed) if the file no longer validates; ReloadFailed if the restart
+        rolled back; ReloadInterrupted if the cluster began to stop meanwhile.
+        """
         assert self.supervisor is not None
+        if not self.supervisor.reloading:  # joining a restart under way: its config is read already
+            self.config_changes = await self._reread()
         task = self.supervisor.reload()
         await asyncio.wait({task})  # not `await task`: its cancellation by a stop is not ours
         if task.cancelled():
             raise ReloadInterrupted("the cluster is stopping")
         task.result()
         return self.supervisor.generation
+
+    async def _reread(self) -> list[str]:
+        """Take what the config file says now, like gunicorn's HUP; returns the changes, in words."""
+        assert self.supervisor is not None and self.scheduler is not None and self.webhooks is not None
+        old = self.settings
+        try:
+            new = with_demo_extras(old.reread())
+            environ = {**os.environ, **self._withheld}
+            keys = {hook.name: resolve_secret(hook.secret, hook.name, environ) for hook in new.webhooks}
+        except (ConfigError, SecretError) as exc:
+            raise ReloadRefused(f"the config no longer validates, nothing changed: {exc}") from None
+        changes = []
+        # What a running primary cannot take: the socket it serves and the store it shares.
+        if new.server.bind != old.server.bind:
+            changes.append(f"bind {old.server.bind} -> {new.server.bind}: not applied (restart the primary)")
+            new = dataclasses.replace(new, server=dataclasses.replace(new.server, bind=old.server.bind))
+        if new.store.path != old.store.path:
+            changes.append(f"store {old.store.path} -> {new.store.path}: not applied (restart the primary)")
+            new = dataclasses.replace(new, store=old.store)
+        for section in ("app", "server", "store"):
+            before, after = getattr(old, section), getattr(new, section)
+            for field in dataclasses.fields(before):
+                was, now = getattr(before, field.name), getattr(after, field.name)
+                if was != now and field.repr:
+                    changes.append(f"{section}.{field.name} {was!r} -> {now!r}")
+        if new.metrics.bind != old.metrics.bind:
+            changes.append(f"metrics.bind {old.metrics.bind!r} -> {new.metrics.bind!r}")
+            try:
+                exporter = MetricsExporter.serve(new.metrics.bind) if new.metrics.bind else None
+            except MetricsError as exc:
+                raise ReloadRefused(f"nothing changed: {exc}") from None
+            if self.metrics is not None:
+                await self.metrics.close()
+            self.metrics = exporter
+            if exporter is not None:
+                exporter.watch(self)
+        if new.server.workers != old.server.workers:
+            self.supervisor.set_desired(new.server.workers)
+        self.supervisor.configure(new)
+        changes += await self.scheduler.update(new.jobs)
+        changes += await self.webhooks.update(new.webhooks, keys)
+        self._withheld.update(_withhold_secrets(new))
+        self.settings = new
+        self.events.publish(
+            "cluster.config", f"config re-read: {'; '.join(changes) if changes else 'no change'}", changes=changes
+        )
+        return changes
 
     async def run_job(self, name: str) -> int:
         """Run a job now (a manual run); returns the run id. LookupError for an unknown job."""
@@ -462,9 +518,12 @@ class Primary:
         task.add_done_callback(self._tasks.discard)
 
 
-def _withhold_secrets(settings: Settings) -> None:
+def _withhold_secrets(settings: Settings) -> dict[str, str]:
     """Drop `env:` webhook secrets from our environment once resolved: workers, jobs and before_start
-    inherit it, and app code (or a job that runs `env`) has no business with them."""
+    inherit it, and app code (or a job that runs `env`) has no business with them. Returns what was dropped."""
+    withheld = {}
     for hook in settings.webhooks:
-        if hook.secret.startswith("env:"):
-            os.environ.pop(hook.secret[4:], None)
+        name = hook.secret[4:] if hook.secret.startswith("env:") else None
+        if name and name in os.environ:
+            withheld[name] = os.environ.pop(name)
+    return withheld

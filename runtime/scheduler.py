@@ -68,6 +68,7 @@ class JobState:
     recording: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     last_status: str | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    retired: bool = False  # a reload removed or changed this job: its loop ends at its next turn
 
 
 class Scheduler:
@@ -108,6 +109,42 @@ class Scheduler:
             state.paused = name in paused
             state.last_status = statuses.get(name)
             self._spawn(self._job_loop(state))
+
+    async def update(self, jobs: tuple[JobConfig, ...]) -> list[str]:
+        """Take the jobs of a reloaded config; returns what changed, in words.
+
+        A removed or changed job stops being scheduled at its loop's next turn (a run in progress
+        finishes, and is still ended by `stop`); a changed job's new schedule starts at once, keeping
+        its runs, pause and last status. Slots are claimed as ever, so none runs twice meanwhile.
+        """
+        wanted = {job.name: job for job in jobs}
+        changes = []
+        if wanted and self._http is None:
+            self._http = httpx.AsyncClient()
+        for name, state in list(self.jobs.items()):
+            if wanted.get(name) != state.config:
+                state.retired = True
+                state.wake.set()
+                del self.jobs[name]
+                changes.append(f"job {name} {'changed' if name in wanted else 'removed'}")
+                if name in wanted:
+                    job = wanted[name]
+                    self.jobs[name] = JobState(
+                        job,
+                        CronSchedule(job.schedule, job.timezone),
+                        paused=state.paused,
+                        running=state.running,
+                        recording=state.recording,
+                        last_status=state.last_status,
+                    )
+                    self._spawn(self._job_loop(self.jobs[name]))
+        for name, job in wanted.items():
+            if name not in self.jobs:
+                state = self.jobs[name] = JobState(job, CronSchedule(job.schedule, job.timezone))
+                state.paused = name in await self.store.call(self.store.store.paused_jobs)
+                self._spawn(self._job_loop(state))
+                changes.append(f"job {name} added")
+        return changes
 
     async def stop(self) -> None:
         """Stop scheduling; running jobs are ended (their process groups killed) and marked as such."""
@@ -193,7 +230,7 @@ class Scheduler:
         wall_mark, mono_mark = now, loop.time()  # both clocks as that step began: a jump moves only the wall
         backoff = STORE_RETRY_BASE
         error: str | None = None
-        while True:
+        while not state.retired:
             subject = f"{job.name} missed slots"
             if missed is None:
                 now = self.now()

@@ -59,6 +59,10 @@ class ReloadInterrupted(ReloadFailed):
     """The rolling restart was cut short because the cluster began to stop."""
 
 
+class ReloadRefused(ReloadFailed):
+    """The config file no longer validates: nothing changed, nothing restarted."""
+
+
 @dataclass(eq=False)
 class WorkerProc:
     slot: int
@@ -185,6 +189,16 @@ class Supervisor:
             raise LookupError(f"no running worker in slot {slot_id}")
         self._kill(worker, reason, signal.SIGKILL)
         return worker.pid
+
+    def configure(self, settings: Settings) -> None:
+        """Settings re-read by a reload: the workers started from now on (the restart's) get them."""
+        self.settings = settings
+        self.server = settings.server
+        self.heartbeat_interval = min(HEARTBEAT_INTERVAL_MAX, self.server.timeout / 4)
+
+    @property
+    def reloading(self) -> bool:
+        return self._reload_task is not None and not self._reload_task.done()
 
     def reload(self) -> asyncio.Task[None]:
         """Start a rolling restart (or join the one running); the task raises ReloadFailed on rollback."""

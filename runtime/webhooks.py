@@ -17,6 +17,7 @@ import email.utils
 import json
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,12 +60,20 @@ class Endpoint:
     failed: int = 0
     last_error: str | None = None
     freed: asyncio.Event = field(default_factory=asyncio.Event)
+    loop: asyncio.Task[None] | None = None
 
 
 class WebhookRunner:
-    def __init__(self, hooks: tuple[WebhookConfig, ...], store: AsyncStore, events: EventBus, pid: int) -> None:
+    def __init__(
+        self,
+        hooks: tuple[WebhookConfig, ...],
+        store: AsyncStore,
+        events: EventBus,
+        pid: int,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         # Resolved now, so a missing secret stops the start with a clear message (SecretError).
-        self.endpoints = {hook.name: Endpoint(hook, resolve_secret(hook.secret, hook.name)) for hook in hooks}
+        self.endpoints = {hook.name: Endpoint(hook, resolve_secret(hook.secret, hook.name, environ)) for hook in hooks}
         self.store = store
         self.events = events
         self.pid = pid
@@ -73,6 +82,39 @@ class WebhookRunner:
 
     async def start(self) -> None:
         db = self.store.store
+        await self._publish()
+        released = await self.store.call(db.release_leases, lambda pid: pid != self.pid and pid_alive(pid))
+        if released:
+            self.events.publish(
+                "webhook.resumed", f"{released} deliveries left in flight by a dead primary are queued again"
+            )
+        self._unsubscribe = self.events.subscribe(self._on_event)
+        for endpoint in self.endpoints.values():
+            self._open(endpoint)
+
+    async def update(self, hooks: tuple[WebhookConfig, ...], keys: dict[str, bytes]) -> list[str]:
+        """Take the webhooks of a reloaded config (`keys`: their resolved secrets); returns what changed.
+
+        A removed or changed endpoint's loop stops; deliveries on the wire get STOP_GRACE to finish,
+        and the rest keep their leases until these run out, when the new loop takes them.
+        """
+        wanted = {hook.name: hook for hook in hooks}
+        before = set(self.endpoints)
+        changes = [f"webhook {name} added" for name in wanted if name not in before]
+        for name, endpoint in list(self.endpoints.items()):
+            if wanted.get(name) != endpoint.config or keys.get(name) != endpoint.key:
+                del self.endpoints[name]
+                await self._close(endpoint)
+                changes.append(f"webhook {name} {'changed' if name in wanted else 'removed'}")
+        for name, hook in wanted.items():
+            if name not in self.endpoints:
+                self.endpoints[name] = endpoint = Endpoint(hook, keys[name])
+                self._open(endpoint)
+        await self._publish()
+        return changes
+
+    async def _publish(self) -> None:
+        """The endpoints (never their secrets) in the store, for `emit()` in any process to fan out to."""
         published = [
             {
                 "name": e.config.name,
@@ -82,23 +124,28 @@ class WebhookRunner:
             }
             for e in self.endpoints.values()
         ]
-        await self.store.call(db.sync_endpoints, published)
-        released = await self.store.call(db.release_leases, lambda pid: pid != self.pid and pid_alive(pid))
-        if released:
-            self.events.publish(
-                "webhook.resumed", f"{released} deliveries left in flight by a dead primary are queued again"
-            )
-        self._unsubscribe = self.events.subscribe(self._on_event)
-        if not self.endpoints:
-            return
-        for endpoint in self.endpoints.values():
-            # httpx scans its whole pool on every request: small pools, taken in turn, keep that cheap.
-            size = endpoint.config.concurrency
-            for start in range(0, size, POOL_SIZE):
-                pool = min(POOL_SIZE, size - start)
-                limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-                endpoint.clients.append(httpx.AsyncClient(follow_redirects=False, limits=limits))
-            self._spawn(self._endpoint_loop(endpoint))
+        await self.store.call(self.store.store.sync_endpoints, published)
+
+    def _open(self, endpoint: Endpoint) -> None:
+        # httpx scans its whole pool on every request: small pools, taken in turn, keep that cheap.
+        size = endpoint.config.concurrency
+        for start in range(0, size, POOL_SIZE):
+            pool = min(POOL_SIZE, size - start)
+            limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+            endpoint.clients.append(httpx.AsyncClient(follow_redirects=False, limits=limits))
+        endpoint.loop = asyncio.get_running_loop().create_task(self._endpoint_loop(endpoint))
+        self._tasks.add(endpoint.loop)
+        endpoint.loop.add_done_callback(self._tasks.discard)
+
+    async def _close(self, endpoint: Endpoint) -> None:
+        if endpoint.loop is not None:
+            endpoint.loop.cancel()
+        if endpoint.in_flight:
+            await asyncio.wait(list(endpoint.in_flight), timeout=STOP_GRACE)
+            for task in endpoint.in_flight:
+                task.cancel()
+        for client in endpoint.clients:
+            await client.aclose()
 
     async def stop(self) -> None:
         if self._unsubscribe is not None:

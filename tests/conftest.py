@@ -82,6 +82,12 @@ class Cluster:
         self.seen_pids.update(w["pid"] for w in status["workers"] if w["pid"])
         return status
 
+    def settled(self, workers: int | None) -> bool:
+        """`workers` ready (None: as many as the primary wants)."""
+        status = self.status()
+        ready = [w for w in status["workers"] if w["state"] == "ready"]
+        return len(ready) == (status["desired_workers"] if workers is None else workers)
+
     def ready_workers(self) -> list[dict[str, Any]]:
         return [w for w in self.status()["workers"] if w["state"] == "ready"]
 
@@ -132,7 +138,7 @@ def start_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     def start(
         *extra: str,
         app: str = "asgi_app:app",
-        workers: int = 2,
+        workers: int | None = 2,  # None: no --workers flag (the config file's count, which a reload re-reads)
         config: str | None = None,
         env: dict[str, str] | None = None,
         wait: bool = True,
@@ -143,7 +149,7 @@ def start_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
         db = db or tmp_path / "state.db"
         full_env = {**os.environ, "PYTHONPATH": str(APPS), **(env or {})}
         args = [sys.executable, "-m", "runtime", "up", "--headless", "--bind", f"127.0.0.1:{port}", "--db", str(db)]
-        args += ["--app", app, "--workers", str(workers)]
+        args += ["--app", app] + (["--workers", str(workers)] if workers is not None else [])
         if config is not None:
             path = tmp_path / f"clusterctl-{len(clusters)}.toml"
             path.write_text(config)
@@ -156,7 +162,7 @@ def start_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
         clusters.append(cluster)
         if wait:
             try:
-                wait_for(lambda: proc.poll() is not None or len(cluster.ready_workers()) == workers, 30, "cluster up")
+                wait_for(lambda: proc.poll() is not None or cluster.settled(workers), 30, "cluster up")
             except AssertionError:
                 raise AssertionError(f"cluster did not start:\n{cluster.output()}") from None
             assert proc.poll() is None, f"primary exited:\n{cluster.output()}"
