@@ -203,6 +203,7 @@ def test_a_stderr_nobody_reads_stops_neither_add_nor_workers_log(tmp_path: Path,
         log = tmp_path / "logs" / "workers.log"
         wait_for(lambda: "line 2999" in log.read_text(), 10, "every line in workers.log while the echo is stuck")
         assert sink.dropped == 0 and sink.echo_dropped > 2000
+
         # The drops are reported as they happen, in one note or several: together they count every one.
         def noted(data: bytes) -> int:
             return sum(int(n) for n in re.findall(rb"clusterctl: (\d+) worker output lines not echoed", data))
