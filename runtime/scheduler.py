@@ -406,17 +406,7 @@ class Scheduler:
                     outcome = Outcome("failed", None, f"cannot start: {exc.strerror or exc}")
                 if outcome.status == "succeeded" or attempt == job.retries + 1:
                     break
-                await self._insist(
-                    f"{label}: recording attempt {attempt}",
-                    db.finish_attempt,
-                    run_id,
-                    attempt,
-                    started,
-                    outcome.status,
-                    outcome.exit_code,
-                    outcome.output,
-                    False,
-                )
+                await self._record(label, run_id, attempt, started, outcome, final=False)
         except asyncio.CancelledError as exc:
             ended, why = exc, str(exc.args[0]) if exc.args else "the primary stopped"
             outcome = Outcome("failed", None, f"[ended: {why}]")
@@ -424,17 +414,7 @@ class Scheduler:
         # is written in the background until the store takes it.
         state.last_status = outcome.status
         record = asyncio.get_running_loop().create_task(
-            self._insist(
-                f"{label}: recording its outcome ({outcome.status})",
-                db.finish_attempt,
-                run_id,
-                attempt,
-                started,
-                outcome.status,
-                outcome.exit_code,
-                outcome.output,
-                True,
-            )
+            self._record(label, run_id, attempt, started, outcome, final=True)
         )
         state.recording[run_id] = record
         record.add_done_callback(lambda _: state.recording.pop(run_id, None))
@@ -485,6 +465,23 @@ class Scheduler:
     def _store_recovered(self, error: str) -> None:
         if self.store.last_error == error:  # not if something else has failed since
             self.store.last_error = None
+
+    async def _record(self, label: str, run_id: int, attempt: int, started: str, outcome: Outcome, final: bool) -> Any:
+        """Write one attempt's outcome (the run's, if `final`) until the store takes it."""
+        what = (
+            f"{label}: recording its outcome ({outcome.status})" if final else f"{label}: recording attempt {attempt}"
+        )
+        return await self._insist(
+            what,
+            self.store.store.finish_attempt,
+            run_id,
+            attempt,
+            started,
+            outcome.status,
+            outcome.exit_code,
+            outcome.output,
+            final,
+        )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

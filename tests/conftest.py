@@ -45,6 +45,28 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error!r})")
 
 
+async def until(pilot: Any, predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """`wait_for` for a console under Pilot: polls between the app's own frames."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def endpoints(db: Path) -> dict[str, int]:
+    """The webhook endpoints a store has published: name -> enabled."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        return dict(conn.execute("SELECT name, enabled FROM webhook_endpoints").fetchall())
+    finally:
+        conn.close()
+
+
 def get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:

@@ -8,20 +8,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import Cluster
+from conftest import Cluster, until
 
 from console.app import ClusterConsole
 from console.remote import LOST, RESTORED, RemoteBackend
-
-
-async def until(pilot, predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await pilot.pause(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def attached(cluster: Cluster) -> ClusterConsole:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import sys
-import time
 
 import pytest
-from conftest import APPS, free_port, pid_alive
+from conftest import APPS, free_port, pid_alive, until
 
 from console.app import ClusterConsole
 from runtime import Primary, load_settings
@@ -32,16 +31,6 @@ def settings(tmp_path, monkeypatch):
         {"app": "asgi_app:app", "bind": f"127.0.0.1:{free_port()}", "workers": "2", "db": str(tmp_path / "s.db")},
         cwd=tmp_path,
     )
-
-
-async def until(pilot, predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await pilot.pause(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def ready(primary: Primary) -> list:

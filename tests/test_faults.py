@@ -37,7 +37,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import APPS, Cluster, Load, free_port, get, pid_alive, port_free, wait_for
+from conftest import APPS, Cluster, Load, endpoints, free_port, get, pid_alive, port_free, wait_for
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from receiver import Answer, Receiver
@@ -976,14 +976,6 @@ def test_a_worker_scaled_down_while_starting_exits_promptly(start_cluster, tmp_p
 
 
 # ---------------------------------------------------------------------------- 6. a hostile tester's findings
-
-
-def endpoints(db: Path) -> dict[str, int]:
-    conn = sqlite3.connect(db)
-    try:
-        return dict(conn.execute("SELECT name, enabled FROM webhook_endpoints").fetchall())
-    finally:
-        conn.close()
 
 
 def test_a_refused_second_up_touches_nothing_the_running_primary_shares(start_cluster, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import APPS, free_port, get, wait_for
+from conftest import APPS, endpoints, free_port, get, wait_for
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -51,14 +51,6 @@ def runs(db: Path, job: str) -> int:
     conn = sqlite3.connect(db)
     try:
         return conn.execute("SELECT COUNT(*) FROM job_runs WHERE job = ? AND status != 'skipped'", (job,)).fetchone()[0]
-    finally:
-        conn.close()
-
-
-def endpoints(db: Path) -> dict[str, int]:
-    conn = sqlite3.connect(db)
-    try:
-        return dict(conn.execute("SELECT name, enabled FROM webhook_endpoints").fetchall())
     finally:
         conn.close()
 
