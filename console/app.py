@@ -25,7 +25,7 @@ from textual.widgets import DataTable, Footer, Header, TabbedContent, TabPane
 
 from runtime import ClusterSnapshot, Event, EventBus, StartupError
 from runtime.commands import COMMANDS
-from runtime.control import ControlError
+from runtime.control import ControlError, NoPrimary
 from runtime.demo import LoadGenerator
 from runtime.logs import LogLine
 from runtime.snapshot import Delivery, JobRun
@@ -185,7 +185,7 @@ class ClusterConsole(App[int]):
             await asyncio.shield(self.starting)
         except (StartupError, ControlError) as exc:
             self.error = str(exc)
-            self.exit(EXIT_BAD_INPUT if isinstance(exc, StartupError) else EXIT_NOT_RUNNING)
+            self.exit(EXIT_NOT_RUNNING if isinstance(exc, NoPrimary) else EXIT_BAD_INPUT)
             return
         if not self.backend.running:  # told to stop while starting: already drained
             self.exit(0)
