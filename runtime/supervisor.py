@@ -3,48 +3,46 @@
 The shape is gunicorn's arbiter, on asyncio. Actions (scale, reload, kill,
 stop) and signals only change the desired state and wake one loop; that loop
 spawns missing workers, drains surplus ones, replaces recycled ones and
-murders hung ones. Worker exits arrive through a pidfd registered with the
-loop, so a dead worker is noticed the moment it dies, not at the next poll.
+murders hung ones. Worker exits arrive from the process handles the moment
+they happen (a pidfd registered with the loop), not at the next poll.
 
 Each slot (1..N, `CLUSTERCTL_WORKER_ID`) holds at most one serving worker
 (`current`) and one being started to take its place (`incoming`, during a
 rolling restart or a recycle). A replaced worker is drained: it stops
 accepting, answers the requests it has with `Connection: close`, and exits.
+
+This module holds the rules only. Processes are made by an injected
+`Spawner` (`runtime.workerproc.ProcessSpawner` for real ones) and read the
+time from an injected clock, so the rules are tested with fake handles and a
+fake clock (tests/test_supervisor_rules.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import psutil
-
-from . import balance
-from .balance import ConnectionBoard
-from .channel import EXIT_BOOT_ERROR, SPEC_ENV, health_socket_name
-from .config import MAX_WORKERS, ConfigError, Settings, read_env_file
+from .channel import EXIT_BOOT_ERROR, Heartbeat, describe_exit
+from .config import MAX_WORKERS, Settings
 from .events import EventBus
 from .listeners import Listener
-from .logs import OutputReader, WorkerLogs
+from .logs import WorkerLogs
 from .metrics import WorkerStats, merge, percentile
 from .restarts import RestartPolicy
 from .snapshot import ReloadSnapshot, WorkerSnapshot
+from .workerproc import ProcessSpawner, Reports, heartbeat_interval
 
 TICK = 0.25  # seconds between checks for hung workers and expired back-offs
-KILL_GRACE = 2.0  # after SIGABRT (or the drain deadline), SIGKILL
-HEARTBEAT_INTERVAL_MAX = 1.0
+KILL_GRACE = 2.0  # after SIGABRT (or the drain deadline, or a drain that is done), SIGKILL
 STALL = 1.0  # a tick this late means the primary itself was stalled (SIGSTOP, swap, a blocked loop)
+SAMPLE_INTERVAL = 1.0  # seconds between CPU/RSS samples
 
 
 class BootError(Exception):
@@ -63,54 +61,82 @@ class ReloadRefused(ReloadFailed):
     """The config file no longer validates: nothing changed, nothing restarted."""
 
 
+class Handle(Protocol):
+    """A worker process as the rules see it (`runtime.workerproc.WorkerProcess`, or a fake)."""
+
+    @property
+    def pid(self) -> int | None: ...  # None until the process exists
+
+    @property
+    def health_problem(self) -> str | None: ...
+
+    def drain(self) -> None: ...
+
+    def signal(self, sig: signal.Signals) -> None: ...
+
+
+class Spawner(Protocol):
+    def spawn(self, slot: int, generation: int, reports: Reports) -> Handle: ...
+
+    async def prepare(self, generation: int) -> None: ...  # before a generation's first worker
+
+    def keep(self, generation: int) -> None: ...  # only this generation is started from now on
+
+    def configure(self, settings: Settings) -> None: ...
+
+    def measure(self, pids: list[int]) -> dict[int, tuple[float, int]]: ...  # pid → (CPU %, RSS); blocking
+
+    async def close(self) -> None: ...
+
+
 @dataclass(eq=False)
-class WorkerProc:
+class Worker:
+    """The rules' record of one worker process."""
+
     slot: int
     generation: int
-    proc: subprocess.Popen[bytes]
     spawned_at: float
     last_seen: float
     recycle_after: int
-    board_index: int = 0
+    ready: asyncio.Future[None]
+    exited: asyncio.Future[int]
+    process: Handle | None = None  # set as soon as the spawner returns
     state: str = "starting"
     ready_at: float | None = None
     heard: bool = False
     fatal: str | None = None
-    health_problem: str | None = None
     kill_reason: str | None = None
     killed_at: float | None = None
     drain_reason: str | None = None
     recycling: bool = False
     drain_deadline: float | None = None
-    writer: asyncio.StreamWriter | None = None
+    drained_at: float | None = None
     stats: WorkerStats = field(default_factory=WorkerStats)
     connections: int = 0
     cpu_percent: float = 0.0
     rss_bytes: int = 0
-    ready: asyncio.Future[None] | None = None
-    exited: asyncio.Future[int] | None = None
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
 
     @property
     def alive(self) -> bool:
-        return self.exited is not None and not self.exited.done()
+        return not self.exited.done()
 
-    def send(self, message: dict[str, Any]) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(json.dumps(message).encode() + b"\n")
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.signal(sig)
 
 
 @dataclass(eq=False)
 class Slot:
     id: int
-    current: WorkerProc | None = None
-    incoming: WorkerProc | None = None
+    policy: RestartPolicy
+    current: Worker | None = None
+    incoming: Worker | None = None
     restarts: int = 0
     last_exit: str | None = None
-    policy: RestartPolicy = field(default_factory=RestartPolicy)
 
     @property
     def backoff_until(self) -> float:
@@ -124,44 +150,56 @@ class _Reload:
     done: int = 0
     state: str = "running"
     error: str | None = None
+    rolled: set[int] = field(default_factory=set)  # slots whose new worker serves already
 
 
 class Supervisor:
     def __init__(
         self,
         settings: Settings,
-        listener: Listener,
         events: EventBus,
-        logs: WorkerLogs,
         record: Callable[..., None],
+        spawner: Spawner,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.server = settings.server
-        self.listener = listener
         self.events = events
-        self.logs = logs
         self.record = record  # (worker_id, pid, event, exit_code, reason) → worker_events
+        self.spawner = spawner
+        self.clock = clock
         self.desired = settings.server.workers
         self.generation = 1
         self.slots: dict[int, Slot] = {}
-        self.draining: set[WorkerProc] = set()
+        self.draining: set[Worker] = set()
         self.stopping = False
         self.reload_state: _Reload | None = None
         self._reload_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._psutil: dict[int, psutil.Process] = {}
-        self.heartbeat_interval = min(HEARTBEAT_INTERVAL_MAX, self.server.timeout / 4)
-        self._last_check = time.monotonic()
+        self.heartbeat_interval = heartbeat_interval(self.server)
+        self._last_check = clock()
         self._judge_after = 0.0
-        self.board = ConnectionBoard.create()
+
+    @classmethod
+    def for_processes(
+        cls,
+        settings: Settings,
+        listener: Listener,
+        events: EventBus,
+        logs: WorkerLogs,
+        record: Callable[..., None],
+    ) -> Supervisor:
+        """A supervisor of real worker processes serving `listener`."""
+        return cls(settings, events, record, ProcessSpawner(settings, listener, events, logs))
 
     # ------------------------------------------------------------------ public actions
 
     async def start(self) -> None:
         """Spawn the first workers and wait until every one is ready; BootError if the app cannot start."""
+        await self.spawner.prepare(self.generation)
         for slot_id in range(1, self.desired + 1):
-            slot = self.slots[slot_id] = Slot(slot_id)
+            slot = self.slots[slot_id] = self._new_slot(slot_id)
             slot.current = self._spawn(slot_id, self.generation)
         try:
             await self._wait_ready([slot.current for slot in self.slots.values() if slot.current])
@@ -187,6 +225,8 @@ class Supervisor:
         worker = slot.current if slot else None
         if worker is None or not worker.alive:
             raise LookupError(f"no running worker in slot {slot_id}")
+        if worker.pid is None:
+            raise LookupError(f"the worker in slot {slot_id} is still being started")
         self._kill(worker, reason, signal.SIGKILL)
         return worker.pid
 
@@ -194,7 +234,8 @@ class Supervisor:
         """Settings re-read by a reload: the workers started from now on (the restart's) get them."""
         self.settings = settings
         self.server = settings.server
-        self.heartbeat_interval = min(HEARTBEAT_INTERVAL_MAX, self.server.timeout / 4)
+        self.heartbeat_interval = heartbeat_interval(self.server)
+        self.spawner.configure(settings)
 
     @property
     def reloading(self) -> bool:
@@ -215,12 +256,12 @@ class Supervisor:
             if worker.state != "draining":
                 self._drain(worker, "stop")
         self.wake()
-        pending = [w.exited for w in self._all_workers() if w.exited is not None and not w.exited.done()]
+        pending = [w.exited for w in self._all_workers() if not w.exited.done()]
         if pending:
             await asyncio.wait(pending)
         for task in self._tasks:
             task.cancel()
-        self.board.close()
+        await self.spawner.close()
 
     def wake(self) -> None:
         self._wake.set()
@@ -249,7 +290,7 @@ class Supervisor:
                 )
         return rows
 
-    def _worker_row(self, slot: Slot, worker: WorkerProc, now: float) -> WorkerSnapshot:
+    def _worker_row(self, slot: Slot, worker: Worker, now: float) -> WorkerSnapshot:
         stats = worker.stats
         histogram = stats.window_histogram()
         return WorkerSnapshot(
@@ -282,195 +323,74 @@ class Supervisor:
         r = self.reload_state
         return ReloadSnapshot(r.generation, r.total, r.done, r.state, r.error) if r else None
 
-    def _all_workers(self) -> list[WorkerProc]:
+    def _all_workers(self) -> list[Worker]:
         workers = [w for slot in self.slots.values() for w in (slot.current, slot.incoming) if w is not None]
         return workers + list(self.draining)
 
-    # ------------------------------------------------------------------ spawning
+    # ------------------------------------------------------------------ spawning and what workers report
 
-    def _spawn(self, slot_id: int, generation: int) -> WorkerProc:
+    def _new_slot(self, slot_id: int) -> Slot:
+        return Slot(slot_id, RestartPolicy(clock=self.clock))
+
+    def _spawn(self, slot_id: int, generation: int) -> Worker:
         loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        listen_fds = [s.fileno() for s in self.listener.sockets_for_worker(slot_id)]
-        board_index = self.board.claim({w.board_index for w in self._all_workers()})
-        spec = {
-            "board_fd": self.board.fd,
-            "board_index": board_index,
-            "target": self.settings.app.target,
-            "interface": self.settings.app.interface,
-            "listen_fds": listen_fds,
-            "channel_fd": theirs.fileno(),
-            "heartbeat_interval": self.heartbeat_interval,
-            "keepalive_timeout": self.server.keepalive_timeout,
-            "header_timeout": self.server.header_timeout,
-            "graceful_timeout": self.server.graceful_timeout,
-            "forwarded_allow_ips": self.server.forwarded_allow_ips,
-            "access_log": self.server.access_log,
-        }
-        app_env = dict(self.server.env_file_values)
-        if self.server.env_file is not None:
-            # Read at each spawn, so a reload picks up an edit without restarting the primary; one that
-            # cannot be read any more (mid-deploy) must not leave the worker without its settings.
-            try:
-                app_env = read_env_file(self.server.env_file)
-            except ConfigError as exc:
-                print(f"clusterctl: env_file: {exc}; the worker gets the values read at start", file=sys.stderr)
-        # The primary's own environment wins over the file, as with python-dotenv's load_dotenv().
-        env = {**app_env, **os.environ}
-        env.update(
-            {
-                "CLUSTERCTL_INSTANCE_TYPE": "worker",
-                "CLUSTERCTL_WORKER_ID": str(slot_id),
-                "CLUSTERCTL_PRIMARY_PID": str(os.getpid()),
-                "CLUSTERCTL_DB": str(self.settings.store.path),
-                "CLUSTERCTL_GENERATION": str(generation),
-                "PYTHONUNBUFFERED": "1",
-                SPEC_ENV: json.dumps(spec),
-            }
-        )
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "runtime.worker"],
-                pass_fds=(*listen_fds, theirs.fileno(), self.board.fd),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                # Its own process group: Ctrl+C in the primary's terminal is the primary's to handle.
-                process_group=0,
-            )
-        finally:
-            theirs.close()
-        now = time.monotonic()
+        now = self.clock()
         jitter = random.randint(0, self.server.max_requests_jitter) if self.server.max_requests else 0
-        worker = WorkerProc(
+        worker = Worker(
             slot=slot_id,
             generation=generation,
-            proc=proc,
             spawned_at=now,
             last_seen=now,
             recycle_after=self.server.max_requests + jitter,
-            board_index=board_index,
             ready=loop.create_future(),
             exited=loop.create_future(),
         )
         worker.ready.add_done_callback(_consume_exception)
-        self._watch_exit(worker)
-        for stream, name in ((proc.stdout, "out"), (proc.stderr, "err")):
-            assert stream is not None
-            self._watch_output(worker, stream.fileno(), name)
-        self._spawn_task(self._channel(worker, ours))
         if slot_id in self.slots:
             self.slots[slot_id].policy.spawned()
-        self.record(slot_id, proc.pid, "spawned", None, f"generation {generation}")
-        self.events.publish(
-            "worker.spawned", f"spawned (generation {generation})", slot_id, proc.pid, generation=generation
-        )
+        worker.process = self.spawner.spawn(slot_id, generation, _Reports(self, worker))
         return worker
 
-    def _watch_exit(self, worker: WorkerProc) -> None:
-        loop = asyncio.get_running_loop()
-        pidfd = os.pidfd_open(worker.pid)
+    def _on_started(self, worker: Worker, pid: int) -> None:
+        self.record(worker.slot, pid, "spawned", None, f"generation {worker.generation}")
+        self.events.publish(
+            "worker.spawned",
+            f"spawned (generation {worker.generation})",
+            worker.slot,
+            pid,
+            generation=worker.generation,
+        )
 
-        def on_exit() -> None:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            code = worker.proc.wait()
-            assert worker.exited is not None
-            worker.exited.set_result(code)
-            self._on_exit(worker, code)
-
-        loop.add_reader(pidfd, on_exit)
-
-    def _watch_output(self, worker: WorkerProc, fd: int, stream: str) -> None:
-        loop = asyncio.get_running_loop()
-        os.set_blocking(fd, False)
-        reader = OutputReader(self.logs, worker.slot, worker.pid, stream)
-
-        def on_readable() -> None:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                chunk = b""
-            if chunk:
-                reader.feed(chunk)
-            else:
-                loop.remove_reader(fd)
-                reader.close()
-
-        loop.add_reader(fd, on_readable)
-
-    async def _channel(self, worker: WorkerProc, sock: socket.socket) -> None:
-        reader, worker.writer = await asyncio.open_unix_connection(sock=sock)
-        try:
-            while line := await reader.readline():
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    continue
-                self._on_message(worker, message)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            worker.writer.close()
-
-    def _on_message(self, worker: WorkerProc, message: dict[str, Any]) -> None:
-        now = time.monotonic()
+    def _on_heard(self, worker: Worker, heartbeat: Heartbeat | None) -> None:
+        now = self.clock()
         worker.last_seen = now
         worker.heard = True
-        kind = message.get("t")
-        if kind == "hb":
-            worker.stats.update(message["c"], message["h"], message["f"], now)
-            worker.connections = message.get("n", 0)
-        elif kind == "boot":
-            if self.server.health_path:
-                self._spawn_task(self._health_check(worker))
-            else:
-                worker.send({"t": "accept"})
-        elif kind == "ready":
-            worker.state = "ready"
-            worker.ready_at = now
-            self.record(worker.slot, worker.pid, "ready", None, None)
-            self.events.publish("worker.ready", "ready", worker.slot, worker.pid)
-            assert worker.ready is not None
-            if not worker.ready.done():
-                worker.ready.set_result(None)
-            self.wake()
-        elif kind == "fatal":
-            worker.fatal = str(message.get("error"))
+        if heartbeat is not None:
+            worker.stats.update(heartbeat.by_class, heartbeat.histogram, heartbeat.in_flight, now)
+            worker.connections = heartbeat.connections
 
-    async def _health_check(self, worker: WorkerProc) -> None:
-        """GET health_path on this very worker, over its private socket, until 2xx/3xx or the deadline."""
-        path = self.server.health_path
-        name = health_socket_name(os.getpid(), worker.pid)
-        deadline = time.monotonic() + self.server.ready_timeout
-        while worker.alive and time.monotonic() < deadline:
-            try:
-                async with asyncio.timeout(5):
-                    reader, writer = await asyncio.open_unix_connection(name)
-                    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-                    status_line = await reader.readline()
-                    writer.close()
-                parts = status_line.split()
-                code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-                if 200 <= code < 400:
-                    worker.send({"t": "accept"})
-                    return
-                worker.health_problem = f"health check failed: {path} answered {code or 'no HTTP status'}"
-            except (OSError, TimeoutError) as exc:
-                worker.health_problem = f"health check failed: {path}: {exc or type(exc).__name__}"
-            await asyncio.sleep(0.2)
-        if worker.alive:
-            self._fail_start(worker, worker.health_problem or "health check failed")
+    def _on_ready(self, worker: Worker) -> None:
+        if worker.state != "starting":
+            return  # drained (scaled down, stopped) before it was ready: it stays draining
+        worker.state = "ready"
+        worker.ready_at = self.clock()
+        self.record(worker.slot, worker.pid, "ready", None, None)
+        self.events.publish("worker.ready", "ready", worker.slot, worker.pid)
+        if not worker.ready.done():
+            worker.ready.set_result(None)
+        self.wake()
+
+    def _on_drained(self, worker: Worker) -> None:
+        # Its requests are answered; what is left is the interpreter's exit, which a non-daemon thread
+        # of the app can hold up for ever. _check_liveness ends it KILL_GRACE from now.
+        worker.drained_at = self.clock()
 
     # ------------------------------------------------------------------ the loop
 
     async def _loop(self) -> None:
         while True:
             try:
-                self._reconcile(time.monotonic())
+                self._reconcile(self.clock())
             except Exception as exc:  # never let one bad tick stop supervision
                 print(f"clusterctl: supervisor error: {exc!r}", file=sys.stderr)
             with contextlib.suppress(TimeoutError):
@@ -482,12 +402,17 @@ class Supervisor:
         self._check_liveness(now)
         if self.stopping:
             return
+        rolling = self.reload_state if self.reload_state and self.reload_state.state == "running" else None
         for slot_id in range(1, self.desired + 1):
-            slot = self.slots.setdefault(slot_id, Slot(slot_id))
+            slot = self.slots.get(slot_id)
+            if slot is None:
+                slot = self.slots[slot_id] = self._new_slot(slot_id)
             if slot.incoming is not None and slot.incoming.state == "ready":
                 self._promote(slot)
             if slot.current is None and slot.incoming is None and now >= slot.backoff_until:
-                slot.current = self._spawn(slot_id, self.generation)
+                # A slot the rolling restart has done already is refilled with the new code.
+                rolled = rolling is not None and slot_id in rolling.rolled
+                slot.current = self._spawn(slot_id, rolling.generation if rolled else self.generation)
         for slot_id in [s for s in self.slots if s > self.desired]:
             slot = self.slots[slot_id]
             for worker in (slot.current, slot.incoming):
@@ -509,7 +434,14 @@ class Supervisor:
                 continue
             if worker.killed_at is not None:
                 if now - worker.killed_at > KILL_GRACE:
-                    self._signal(worker, signal.SIGKILL)
+                    worker.signal(signal.SIGKILL)
+                continue
+            if worker.drained_at is not None:
+                if now - worker.drained_at > KILL_GRACE:
+                    worker.drain_reason = f"{worker.drain_reason}; still running {KILL_GRACE:g}s after its drain, ended"
+                    worker.drained_at = None
+                    worker.killed_at = now  # not a kill_reason: the exit is still recorded as a clean one
+                    worker.signal(signal.SIGKILL)
                 continue
             if worker.drain_deadline is not None:
                 if now > worker.drain_deadline:
@@ -550,41 +482,33 @@ class Supervisor:
         if old is not None and old.alive:
             self._drain(old, old.drain_reason or "replaced")
 
-    def _drain(self, worker: WorkerProc, reason: str) -> None:
+    def _drain(self, worker: Worker, reason: str) -> None:
         worker.state = "draining"
-        self.board.set(worker.board_index, balance.OFF)  # no one defers to a worker that has stopped accepting
         worker.drain_reason = worker.drain_reason or reason
-        worker.drain_deadline = time.monotonic() + self.server.graceful_timeout + KILL_GRACE
+        worker.drain_deadline = self.clock() + self.server.graceful_timeout + KILL_GRACE
         for slot in self.slots.values():
             if slot.current is worker:
                 slot.current = None
             if slot.incoming is worker:
                 slot.incoming = None
         self.draining.add(worker)
-        if worker.writer is not None and not worker.writer.is_closing():
-            worker.send({"t": "drain"})
-        else:
-            self._signal(worker, signal.SIGTERM)
+        assert worker.process is not None
+        worker.process.drain()
 
-    def _kill(self, worker: WorkerProc, reason: str, sig: signal.Signals) -> None:
+    def _kill(self, worker: Worker, reason: str, sig: signal.Signals) -> None:
         if worker.kill_reason is None:
             worker.kill_reason = reason
-            worker.killed_at = time.monotonic()
-        self._signal(worker, sig)
+            worker.killed_at = self.clock()
+        worker.signal(sig)
 
-    def _fail_start(self, worker: WorkerProc, reason: str) -> None:
+    def _fail_start(self, worker: Worker, reason: str) -> None:
         worker.fatal = worker.fatal or reason
-        assert worker.ready is not None
         if not worker.ready.done():
             worker.ready.set_exception(ReloadFailed(f"worker {worker.slot} (pid {worker.pid}): {reason}"))
         self._kill(worker, reason, signal.SIGKILL)
 
-    @staticmethod
-    def _signal(worker: WorkerProc, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            worker.proc.send_signal(sig)
-
-    def _on_exit(self, worker: WorkerProc, code: int) -> None:
+    def _on_exit(self, worker: Worker, code: int) -> None:
+        worker.exited.set_result(code)
         slot = self.slots.get(worker.slot)
         self.draining.discard(worker)
         if slot is not None:
@@ -592,9 +516,7 @@ class Supervisor:
                 slot.current = None
             if slot.incoming is worker:
                 slot.incoming = None
-        self.board.set(worker.board_index, balance.OFF)
-        how = _describe_exit(code)
-        assert worker.ready is not None
+        how = describe_exit(code)
         if not worker.ready.done():
             reason = worker.fatal or f"exited before ready ({how})"
             worker.ready.set_exception(ReloadFailed(f"worker {worker.slot} (pid {worker.pid}): {reason}"))
@@ -624,19 +546,13 @@ class Supervisor:
                     ready_at=worker.ready_at,
                     boot_error=code == EXIT_BOOT_ERROR,
                 )
-        self._end_group(worker)
         self.wake()
-
-    def _end_group(self, worker: WorkerProc) -> None:
-        """Whatever the worker forked dies with it: a grandchild must not keep the port (or run on)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(worker.pid, signal.SIGKILL)
 
     async def _abort_all(self) -> None:
         workers = self._all_workers()
         for worker in workers:
-            self._signal(worker, signal.SIGKILL)
-        pending = [w.exited for w in workers if w.exited is not None and not w.exited.done()]
+            worker.signal(signal.SIGKILL)
+        pending = [w.exited for w in workers if not w.exited.done()]
         if pending:
             await asyncio.wait(pending, timeout=5)
 
@@ -647,18 +563,19 @@ class Supervisor:
         slot_ids = sorted(s for s in self.slots if s <= self.desired)
         state = self.reload_state = _Reload(generation, len(slot_ids))
         self.events.publish("cluster.reload_started", f"rolling restart to generation {generation}")
-        replaced: list[WorkerProc] = []
+        replaced: list[Worker] = []
         batch = self.server.reload_batch
         try:
+            # The new generation's fork server first: it imports the new code (and, with preload_app, the app).
+            await self.spawner.prepare(generation)
             for start in range(0, len(slot_ids), batch):
-                incoming: list[WorkerProc] = []
+                incoming: list[Worker] = []
                 for slot_id in slot_ids[start : start + batch]:
                     slot = self.slots.get(slot_id)
                     if slot is None:
                         continue
                     if slot.incoming is not None:  # a recycle in flight: let it finish first
                         with contextlib.suppress(ReloadFailed):
-                            assert slot.incoming.ready is not None
                             await slot.incoming.ready
                     slot.incoming = self._spawn(slot_id, generation)
                     incoming.append(slot.incoming)
@@ -680,12 +597,15 @@ class Supervisor:
                             replaced.append(slot.current)
                             slot.current.drain_reason = "reload"
                         self._promote(slot)
+                    state.rolled.add(worker.slot)
                     state.done += 1
             self.generation = generation
-            pending = [w.exited for w in replaced if w.exited is not None and not w.exited.done()]
+            self.spawner.keep(generation)
+            pending = [w.exited for w in replaced if not w.exited.done()]
             if pending:
                 await asyncio.wait(pending, timeout=self.server.graceful_timeout + 2 * KILL_GRACE)
         except ReloadFailed as exc:
+            self.spawner.keep(self.generation)
             state.state, state.error = "failed", str(exc)
             self.events.publish(
                 "cluster.reload_failed",
@@ -697,45 +617,33 @@ class Supervisor:
         state.state = "succeeded"
         self.events.publish("cluster.reloaded", f"rolling restart done: generation {generation}", generation=generation)
 
-    async def _wait_ready(self, workers: list[WorkerProc]) -> None:
+    async def _wait_ready(self, workers: list[Worker]) -> None:
         """Until every one is ready; ReloadFailed naming the first that died, failed its check or was too slow."""
         try:
             async with asyncio.timeout(self.server.ready_timeout):
                 for worker in workers:
-                    assert worker.ready is not None
                     await worker.ready
         except TimeoutError:
             reason = f"not ready within {self.server.ready_timeout:g}s"
-            problems = [f"worker {w.slot} (pid {w.pid}): {w.health_problem}" for w in workers if w.health_problem]
+            problems = [
+                f"worker {w.slot} (pid {w.pid}): {w.process.health_problem}"
+                for w in workers
+                if w.process is not None and w.process.health_problem
+            ]
             raise ReloadFailed(f"{reason} ({problems[0]})" if problems else reason) from None
 
     # ------------------------------------------------------------------ resources
 
     async def _sample_resources(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
-            workers = [w for w in self._all_workers() if w.alive]
-            samples = await asyncio.to_thread(self._measure, [w.pid for w in workers])
-            now = time.monotonic()
+            await asyncio.sleep(SAMPLE_INTERVAL)
+            workers = [w for w in self._all_workers() if w.alive and w.pid is not None]
+            samples = await asyncio.to_thread(self.spawner.measure, [w.pid for w in workers if w.pid is not None])
+            now = self.clock()
             for worker in workers:
+                assert worker.pid is not None
                 worker.cpu_percent, worker.rss_bytes = samples.get(worker.pid, (0.0, 0))
                 worker.stats.tick_history(now)
-
-    def _measure(self, pids: list[int]) -> dict[int, tuple[float, int]]:
-        out: dict[int, tuple[float, int]] = {}
-        for gone in set(self._psutil) - set(pids):
-            del self._psutil[gone]
-        for pid in pids:
-            try:
-                proc = self._psutil.get(pid)
-                if proc is None:
-                    proc = self._psutil[pid] = psutil.Process(pid)
-                    proc.cpu_percent(None)
-                with proc.oneshot():
-                    out[pid] = (proc.cpu_percent(None), proc.memory_info().rss)
-            except psutil.Error:
-                continue
-        return out
 
     def _spawn_task(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -743,13 +651,34 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
 
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+class _Reports:
+    """One worker's reports (see `runtime.workerproc.Reports`), handed to the rules with its record."""
+
+    def __init__(self, supervisor: Supervisor, worker: Worker) -> None:
+        self._supervisor = supervisor
+        self._worker = worker
+
+    def started(self, pid: int) -> None:
+        self._supervisor._on_started(self._worker, pid)
+
+    def heard(self, heartbeat: Heartbeat | None) -> None:
+        self._supervisor._on_heard(self._worker, heartbeat)
+
+    def fatal(self, error: str) -> None:
+        self._worker.fatal = error
+
+    def ready(self) -> None:
+        self._supervisor._on_ready(self._worker)
+
+    def unhealthy(self, reason: str) -> None:
+        if self._worker.alive:
+            self._supervisor._fail_start(self._worker, reason)
+
+    def drained(self) -> None:
+        self._supervisor._on_drained(self._worker)
+
+    def exited(self, code: int) -> None:
+        self._supervisor._on_exit(self._worker, code)
 
 
 def _consume_exception(future: asyncio.Future[None]) -> None:

@@ -1,15 +1,13 @@
-"""The worker entry point: `python -m runtime.worker`, spawned by the primary.
+"""The worker: `python -m runtime.worker` (a fresh interpreter), or `serve()` in a fork server's child.
 
-A worker is a fresh interpreter. It inherits the listening socket(s) and one
-end of a private channel (a unix socketpair) from the primary, imports the
-app, and serves it with uvicorn's httptools protocol on a uvloop loop. It does
-its own accepting (`Acceptor`) so that stopping can never strand a connection
-that was accepted but not yet handed to the protocol (cpython #109564), and so
-that TCP_NODELAY is set on every accepted socket.
+A worker gets the listening socket(s) and one end of a private channel (a unix
+socketpair) from the primary, imports the app (unless its fork server already
+has), and serves it with uvicorn's httptools protocol on a uvloop loop. It
+does its own accepting (`Acceptor`) so that stopping can never strand a
+connection that was accepted but not yet handed to the protocol (cpython
+#109564), and so that TCP_NODELAY is set on every accepted socket.
 
-Channel messages are JSON lines. Worker → primary: `boot` (app loaded, health
-socket open), `ready` (accepting), `hb` (heartbeat with cumulative counters),
-`fatal` (cannot start: the error). Primary → worker: `accept`, `drain`.
+The channel's messages are the typed ones of `runtime.channel`.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import faulthandler
 import functools
 import importlib
 import inspect
-import json
 import logging
 import os
 import resource
@@ -44,7 +41,25 @@ from uvicorn.server import ServerState
 
 from . import balance
 from .balance import ConnectionBoard
-from .channel import EXIT_BOOT_ERROR, EXIT_PRIMARY_GONE, SPEC_ENV, health_socket_name
+from .channel import (
+    EXIT_BOOT_ERROR,
+    EXIT_PRIMARY_GONE,
+    SPEC_ENV,
+    Accept,
+    Boot,
+    Drain,
+    Drained,
+    Fatal,
+    Heartbeat,
+    MalformedMessage,
+    PrimaryMessage,
+    Ready,
+    WorkerMessage,
+    WorkerSpec,
+    decode,
+    encode,
+    health_socket_name,
+)
 from .metrics import RequestCounters
 
 _PR_SET_PDEATHSIG = 1
@@ -393,7 +408,7 @@ class Worker:
         self,
         app: Any,
         interface: str,
-        spec: dict[str, Any],
+        spec: WorkerSpec,
         channel: socket.socket,
         listeners: dict[int, tuple[int, int]],
     ) -> None:
@@ -411,9 +426,9 @@ class Worker:
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: WorkerMessage) -> None:
         if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            self._writer.write(encode(message))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -427,20 +442,20 @@ class Worker:
         self._spawn(self._listen(reader))
         loop.add_signal_handler(signal.SIGTERM, self.begin_drain)
 
-        if self.spec["access_log"]:
+        if self.spec.access_log:
             _log_access_to_stdout()
         config = uvicorn.Config(
             app=self.app,
             interface="asgi3",
             http="httptools",
             lifespan="off" if self.interface == "wsgi" else "auto",
-            access_log=self.spec["access_log"],
+            access_log=self.spec.access_log,
             log_config=None,
-            timeout_keep_alive=self.spec["keepalive_timeout"],
+            timeout_keep_alive=self.spec.keepalive_timeout,
             # Applied by ForwardedHeaders below, which also trusts the proxy on a unix: bind.
             proxy_headers=False,
             # None (the key not in the config) leaves uvicorn's default: FORWARDED_ALLOW_IPS, else loopback.
-            forwarded_allow_ips=self.spec["forwarded_allow_ips"],
+            forwarded_allow_ips=_allow_ips(self.spec.forwarded_allow_ips),
         )
         config.load()
         config.loaded_app = ForwardedHeaders(config.loaded_app, config.forwarded_allow_ips)
@@ -448,14 +463,14 @@ class Worker:
         self.lifespan = config.lifespan_class(config)
         await self.lifespan.startup()
         if self.lifespan.should_exit:
-            self.send({"t": "fatal", "error": f"app {self.spec['target']!r}: lifespan startup failed"})
+            self.send(Fatal(f"app {self.spec.target!r}: lifespan startup failed"))
             await self._flush()
             return EXIT_BOOT_ERROR
         problem = _changed_listener(self.listener_ids)
         if problem is not None:
-            self.send({"t": "fatal", "error": problem})
+            self.send(Fatal(problem))
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.lifespan.shutdown(), timeout=self.spec["graceful_timeout"])
+                await asyncio.wait_for(self.lifespan.shutdown(), timeout=self.spec.graceful_timeout)
             await self._flush()
             return EXIT_BOOT_ERROR
         self.http_protocol = config.http_protocol_class
@@ -465,28 +480,34 @@ class Worker:
             server_state=self.state,
             app_state=self.lifespan.state,
         )
-        listeners = [socket.socket(fileno=fd) for fd in self.spec["listen_fds"]]
-        board = ConnectionBoard(self.spec["board_fd"]) if self.spec.get("board_fd") is not None else None
+        listeners = [socket.socket(fileno=fd) for fd in self.spec.listen_fds]
         self.acceptor = Acceptor(
             listeners,
             factory,
             lambda: len(self.state.connections),
-            board,
-            self.spec.get("board_index", 0),
+            ConnectionBoard(self.spec.board_fd),
+            self.spec.board_index,
             # A new connection that has not sent a whole request head by then is closed: otherwise
             # idle or trickling clients hold an fd each for ever (uvicorn times out a connection only
             # between requests). Not keepalive_timeout: operators raise that above a load balancer's
             # idle timeout, and that must not lift this guard too.
-            self.spec["header_timeout"],
+            self.spec.header_timeout,
         )
         health = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         health.bind(health_socket_name(int(os.environ["CLUSTERCTL_PRIMARY_PID"]), os.getpid()))
         health.listen(16)
         health.setblocking(False)
         self.health_server = await loop.create_unix_server(factory, sock=health)
-        self.send({"t": "boot", "interface": self.interface})
+        self.send(Boot(self.interface))
+        if self.spec.accept_at_boot:
+            self._accept()
         await self.done.wait()
         return 0
+
+    def _accept(self) -> None:
+        if not self.draining and self.acceptor is not None:
+            self.acceptor.start()
+            self.send(Ready())
 
     def begin_drain(self) -> None:
         if self.acceptor is None:
@@ -500,8 +521,8 @@ class Worker:
         assert self.acceptor is not None
         await self.acceptor.stop()
         self.health_server.close()
-        deadline = loop.time() + self.spec["graceful_timeout"]
-        idle_cutoff = loop.time() + self.spec["keepalive_timeout"] + 0.5
+        deadline = loop.time() + self.spec.graceful_timeout
+        idle_cutoff = loop.time() + self.spec.keepalive_timeout + 0.5
         orphaned_since: float | None = None
         while self.state.connections or self.state.tasks:
             now = loop.time()
@@ -532,7 +553,7 @@ class Worker:
             _shut_down(conn)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.lifespan.shutdown(), timeout=max(LIFESPAN_GRACE, deadline - loop.time()))
-        self.send({"t": "drained"})
+        self.send(Drained())
         await self._flush()
         self.done.set()
 
@@ -542,21 +563,22 @@ class Worker:
                 await asyncio.wait_for(self._writer.drain(), timeout=1)
 
     async def _heartbeat(self) -> None:
-        interval = self.spec["heartbeat_interval"]
+        counters = self.counters
         while True:
-            message = self.counters.as_message()
-            message["t"] = "hb"
-            message["n"] = len(self.state.connections)
-            self.send(message)
-            await asyncio.sleep(interval)
+            by_class, histogram = tuple(counters.by_class()), tuple(counters.histogram)
+            self.send(Heartbeat(by_class, histogram, counters.in_flight, len(self.state.connections)))
+            await asyncio.sleep(self.spec.heartbeat_interval)
 
     async def _listen(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
-            kind = json.loads(line).get("t")
-            if kind == "accept" and not self.draining and self.acceptor is not None:
-                self.acceptor.start()
-                self.send({"t": "ready"})
-            elif kind == "drain":
+            try:
+                message = decode(line, PrimaryMessage)
+            except MalformedMessage as exc:  # one bad line is the primary's bug, not a reason to stop serving
+                print(f"clusterctl: skipped a malformed message from the primary: {exc}", file=sys.stderr)
+                continue
+            if isinstance(message, Accept):
+                self._accept()
+            elif isinstance(message, Drain):
                 self.begin_drain()
         # The primary is gone (its end of the channel closed): never outlive it.
         os._exit(EXIT_PRIMARY_GONE)
@@ -626,8 +648,17 @@ def _changed_listener(listeners: dict[int, tuple[int, int]]) -> str | None:
     return None
 
 
-def _die_with_primary(primary_pid: int) -> None:
-    """Ask the kernel to SIGKILL us when the primary dies, however it dies."""
+def _allow_ips(hosts: tuple[str, ...] | None) -> list[str] | None:
+    return None if hosts is None else list(hosts)
+
+
+def die_with_primary(primary_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the primary dies, however it dies.
+
+    The signal comes when our parent dies, and a worker's parent is always the primary: a fresh
+    interpreter is its child, and a fork server clones its workers as siblings of itself
+    (CLONE_PARENT). So a retired or killed fork server takes no worker with it.
+    """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -635,26 +666,50 @@ def _die_with_primary(primary_pid: int) -> None:
         os._exit(EXIT_PRIMARY_GONE)
 
 
-def main() -> None:
-    spec = json.loads(os.environ[SPEC_ENV])
-    _die_with_primary(int(os.environ["CLUSTERCTL_PRIMARY_PID"]))
+def become_worker() -> None:
+    """What every worker does first, however it was started (its environment is already the worker's)."""
+    die_with_primary(int(os.environ["CLUSTERCTL_PRIMARY_PID"]))
     # Terminal signals are the primary's to handle; it tells us what to do over the channel.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # A hung worker gets SIGABRT: dump every thread's stack to stderr, but leave no core file.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     faulthandler.enable()
-    channel = socket.socket(fileno=spec["channel_fd"])
-    listeners = _listener_ids(spec["listen_fds"])
-    try:
-        app, interface = load_app(spec["target"], spec["interface"])
-    except AppLoadError as exc:
-        line = json.dumps({"t": "fatal", "error": str(exc)}) + "\n"
-        with contextlib.suppress(OSError):
-            channel.sendall(line.encode())
-        sys.exit(EXIT_BOOT_ERROR)
 
-    sys.exit(uvloop.run(Worker(app, interface, spec, channel, listeners).run()))
+
+def serve(spec: WorkerSpec, loaded: tuple[Any, str] | None) -> int:
+    """Serve until drained and return the exit status. `loaded`: the app a fork server preloaded, else None."""
+    channel = socket.socket(fileno=spec.channel_fd)
+    listeners = _listener_ids(list(spec.listen_fds))
+    if loaded is None:
+        try:
+            loaded = load_app(spec.target, spec.interface)
+        except AppLoadError as exc:
+            with contextlib.suppress(OSError):
+                channel.sendall(encode(Fatal(str(exc))))
+            return EXIT_BOOT_ERROR
+    app, interface = loaded
+    return uvloop.run(Worker(app, interface, spec, channel, listeners).run())
+
+
+def warm_up() -> None:
+    """Import what a worker imports lazily (uvicorn's protocols and lifespan, the WSGI adapter), once, in a fork server."""
+    import a2wsgi  # noqa: F401
+
+    for lifespan in ("on", "off"):
+        config = uvicorn.Config(app=_nothing, interface="asgi3", http="httptools", lifespan=lifespan, log_config=None)
+        config.load()
+
+
+async def _nothing(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    return None
+
+
+def main() -> None:
+    spec = WorkerSpec.from_json(os.environ[SPEC_ENV])
+    become_worker()
+    sys.exit(serve(spec, None))
 
 
 if __name__ == "__main__":
