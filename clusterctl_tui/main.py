@@ -48,6 +48,8 @@ def run_console(settings: Settings, bare: bool) -> int:
 
 
 def attach(store: Path, socket: Path | None) -> int:
+    # `up` ignores HUP until a primary handles it; an attached console is no primary: it ends with its terminal.
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         print("clusterctl-tui: error: attach needs a terminal (use `status` or `logs -f` in scripts)", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from runtime import ClusterSnapshot, EventBus, Settings, WorkerSnapshot
 from runtime.control import ControlError
 from runtime.events import Event
 from runtime.logs import LogLine
-from runtime.snapshot import Delivery, EndpointSnapshot, JobRun, JobSnapshot, ReloadSnapshot
+from runtime.snapshot import Delivery, EndpointSnapshot, JobRun, JobSnapshot, PrimaryRow, ReloadSnapshot
 from runtime.wire import encode
 
 NOW = datetime(2026, 11, 22, 9, 30, 0, tzinfo=UTC)
@@ -197,6 +197,15 @@ DELIVERIES = [
     )
 ]
 
+PRIMARIES = tuple(
+    PrimaryRow(host, pid, bind, ready, "0.1.0", "2026-11-22T08:12:40.000Z", "2026-11-22T09:29:59.000Z")
+    for host, pid, bind, ready in [
+        ("web-1", 41200, "127.0.0.1:8000", 6),
+        ("web-2", 3321, "10.0.0.12:8000", 4),
+        ("web-3", 918, "10.0.0.13:8000", 4),
+    ]
+)
+
 EVENTS = [
     ("cluster.started", "serving shop.main:app on 127.0.0.1:8000 with 8 workers", None, None),
     ("cluster.scaled", "scaled from 6 to 8 workers", None, None),
@@ -252,6 +261,7 @@ class SampleBackend:
             endpoints=ENDPOINTS,
             webhooks={"pending": 2, "failed": 11, "delivered": 1292, "dead": 10},
             started_at="2026-11-22T08:12:40.000Z",
+            primaries=PRIMARIES,
         )
 
     async def call(self, command: str, **args: Any) -> Any:

@@ -333,7 +333,7 @@ def _import_app(settings: Settings) -> str:
         "CLUSTERCTL_INSTANCE_TYPE": "worker",
         "CLUSTERCTL_WORKER_ID": "1",
         "CLUSTERCTL_PRIMARY_PID": str(os.getpid()),
-        "CLUSTERCTL_DB": str(settings.store.path),
+        "CLUSTERCTL_DB": settings.store.db,
         "CLUSTERCTL_GENERATION": "1",
         "PYTHONUNBUFFERED": "1",
     }
@@ -395,6 +395,8 @@ def _check_store_path(path: Path) -> None:
 
 
 def _read_runs(settings: Settings, **filters: Any) -> list[dict[str, Any]]:
+    if settings.store.url:
+        return _read_shared_runs(settings, **filters)
     from .store import connect
 
     _check_store_path(settings.store.path)
@@ -418,17 +420,37 @@ def _read_runs(settings: Settings, **filters: Any) -> list[dict[str, Any]]:
         conn.close()
 
 
-def _open_store(settings: Settings) -> Any:
-    from .store import Store, StoreError
+def _read_shared_runs(settings: Settings, **filters: Any) -> list[dict[str, Any]]:
+    """`_read_runs` on a server database, through the store's own reads."""
+    from .store import StoreError
 
-    _check_store_path(settings.store.path)
+    store = _open_store(settings)
     try:
+        if "run_id" in filters:
+            run = store.job_run(filters["run_id"])
+            return [run] if run else []
+        return store.job_history(filters.get("job"), filters.get("status"), filters["limit"])
+    except StoreError as exc:
+        raise ConfigError(f"cannot read store {settings.store.label}: {exc}") from None
+    finally:
+        store.close()
+
+
+def _open_store(settings: Settings) -> Any:
+    from .store import Store, StoreError, open_store
+
+    try:
+        if settings.store.url:  # read where the primaries keep it, never created from here
+            return open_store(settings.store, prepare=False)
+        _check_store_path(settings.store.path)
         return Store(settings.store.path)
     except StoreError as exc:
         raise ConfigError(str(exc)) from None
 
 
 def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
+    from .store import StoreError
+
     store = _open_store(settings)
     try:
         if args.webhooks_command == "replay":
@@ -446,8 +468,8 @@ def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
             print(f"queued {len(ids)} deliveries again (same webhook-id, new signature): {', '.join(map(str, ids))}")
             return 0
         deliveries = store.deliveries(limit=args.limit, endpoint=args.endpoint)
-    except sqlite3.Error as exc:  # a SQLite file of some other program's
-        raise ConfigError(f"cannot read store {settings.store.path}: {exc}") from None
+    except (sqlite3.Error, StoreError) as exc:  # a SQLite file of some other program's; an unreachable server
+        raise ConfigError(f"cannot read store {settings.store.label}: {exc}") from None
     finally:
         store.close()
     if args.json:
@@ -530,6 +552,11 @@ def _format_status(status: dict[str, Any]) -> str:
         f"webhooks: {hooks.get('pending', 0)} pending, {hooks.get('failed', 0)} failed, "
         f"{hooks.get('delivered', 0)} delivered"
     )
+    primaries = status.get("primaries", [])
+    if len(primaries) > 1:
+        lines.append(f"{len(primaries)} primaries share the store:")
+        for p in primaries:
+            lines.append(f"  {p['host']} pid {p['pid']} on {p['bind']}: {p['workers_ready']} workers ready")
     if status.get("store_error"):
         lines.append(f"store: {status['store_error']}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ exit 2.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import io
 import ipaddress
 import math
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cron
+from .store import is_url, store_label
 
 DEMO_TARGET = "runtime.demo:app"
 MAX_WORKERS = 256
@@ -55,6 +57,7 @@ class ServerConfig:
     forwarded_allow_ips: tuple[str, ...] | None = None
     socket_mode: int = 0o660
     access_log: bool = False
+    preload_app: bool = False  # import the app once per generation, in the fork server (runtime.forkserver)
     env_file: Path | None = None
     # What env_file held when the config was read: what workers get if it cannot be read at a spawn.
     env_file_values: tuple[tuple[str, str], ...] = field(default=(), repr=False)
@@ -62,9 +65,21 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    path: Path = Path(".clusterctl/state.db")
+    path: Path = Path(".clusterctl/state.db")  # the SQLite store; with a url, where the socket and logs live
     keep_runs: int = 1000
     keep_days: float = 30.0
+    # A PostgreSQL URL: the shared tables live there. It may hold a password: never in a repr or a message.
+    url: str | None = field(default=None, repr=False)
+
+    @property
+    def db(self) -> str:
+        """Where the tables are, as CLUSTERCTL_DB gives it to workers and jobs (for `emit`)."""
+        return self.url or str(self.path)
+
+    @property
+    def label(self) -> str:
+        """The store as messages name it: the path, or the URL without its password."""
+        return store_label(self.db)
 
 
 @dataclass(frozen=True)
@@ -257,9 +272,10 @@ _SERVER = {
     "forwarded_allow_ips",
     "socket_mode",
     "access_log",
+    "preload_app",
     "env_file",
 }
-_STORE = {"path", "keep_runs", "keep_days"}
+_STORE = {"path", "url", "keep_runs", "keep_days"}
 _METRICS = {"bind"}
 _JOB = {
     "name",
@@ -338,6 +354,9 @@ def _server(s: _Section, overrides: dict[str, Any], here: Path) -> ServerConfig:
     access_log = s.table.get("access_log", False)
     if not isinstance(access_log, bool):
         raise s.fail("access_log", f"expected true or false, got {access_log!r}")
+    preload_app = s.table.get("preload_app", False)
+    if not isinstance(preload_app, bool):
+        raise s.fail("preload_app", f"expected true or false, got {preload_app!r}")
     env_file, env_file_values = _env_file(s, here)
     return ServerConfig(
         bind=bind,
@@ -355,6 +374,7 @@ def _server(s: _Section, overrides: dict[str, Any], here: Path) -> ServerConfig:
         forwarded_allow_ips=_forwarded_allow_ips(s),
         socket_mode=_socket_mode(s),
         access_log=access_log,
+        preload_app=preload_app,
         env_file=env_file,
         env_file_values=tuple(env_file_values.items()),
     )
@@ -474,7 +494,20 @@ def _store(s: _Section, overrides: dict[str, Any], cwd: Path) -> StoreConfig:
         path=path,
         keep_runs=s.number("keep_runs", 1000, minimum=1, integer=True),
         keep_days=s.number("keep_days", 30.0, minimum=0.001),
+        url=_store_url(s),
     )
+
+
+def _store_url(s: _Section) -> str | None:
+    if not s.has("url"):
+        return None
+    url = s.table["url"]
+    if not isinstance(url, str) or not is_url(url):
+        # Named without its value: a URL carries its password.
+        raise s.fail("url", 'expected a PostgreSQL URL, like "postgresql://app@db.internal/app"')
+    if importlib.util.find_spec("psycopg") is None:
+        raise s.fail("url", "PostgreSQL needs psycopg: pip install 'clusterctl-tui[postgres]'")
+    return url
 
 
 def _metrics(s: _Section, server: ServerConfig) -> MetricsConfig:

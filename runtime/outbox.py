@@ -8,7 +8,9 @@ primary publishes them at start; secrets never leave the primary.
 
 An emitting process follows the store file: if it was replaced (deleted and
 recreated by the primary), the next `emit()` writes to the new file, never to
-the old one where nobody would read it.
+the old one where nobody would read it. When the store is PostgreSQL
+(CLUSTERCTL_DB is its URL), `emit()` writes there, and an unreachable database
+is an EmitError, never a silent loss; the next call connects again.
 """
 
 from __future__ import annotations
@@ -21,14 +23,13 @@ import hmac
 import json
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .store import BUSY_TIMEOUT_MS, Store, StoreError, is_busy
+from .store import BUSY_TIMEOUT_MS, STORE_ERRORS, StoreError, is_busy, open_store_url, store_label
 
 ENDPOINTS_TTL = 1.0  # seconds an emitting process trusts its cached endpoint list
 # How long emit() may wait for the store's write lock when it is called on an event loop: every
@@ -99,11 +100,12 @@ def body_for(kind: str, created_at: str, payload_json: str) -> bytes:
 
 
 class _Outbox:
-    """One per process and store path: a connection and a short-lived cache of endpoint filters."""
+    """One per process and store (a path or a URL): a connection and a short-lived cache of endpoint filters."""
 
-    def __init__(self, path: Path, wait_ms: int) -> None:
-        # Never creates or migrates the file, for the reason `_follow_file` gives: the primary does that.
-        self.store = Store(path, busy_timeout_ms=wait_ms, prepare=False)
+    def __init__(self, where: str, wait_ms: int) -> None:
+        # Never creates or migrates the schema, for the reason `_follow_file` gives: the primary does that.
+        self.where = where
+        self.store = open_store_url(where, busy_timeout_ms=wait_ms, prepare=False)
         self.lock = threading.Lock()
         self._endpoints: list[tuple[str, list[str]]] = []
         self._fetched = 0.0
@@ -132,13 +134,13 @@ class _Outbox:
         problem = self.store.file_problem()
         if problem is None:
             return
-        if not self.store.path.exists():
+        if not Path(self.where).exists():
             raise StoreError(f"{problem}, and the primary has not created a new one yet")
         self.store.reopen(prepare=False)
         self._fetched = 0.0  # the endpoints of the new file, not the cached ones of the old
 
 
-_outboxes: dict[Path, _Outbox] = {}
+_outboxes: dict[str, _Outbox] = {}
 _outboxes_lock = threading.Lock()
 
 
@@ -153,32 +155,32 @@ def _holding(lock: threading.Lock, wait_ms: int) -> Iterator[None]:
         lock.release()
 
 
-def _prepare(kind: str, payload: Any, db: str | os.PathLike[str] | None) -> tuple[Path, str]:
+def _prepare(kind: str, payload: Any, db: str | os.PathLike[str] | None) -> tuple[str, str]:
     if not kind or not isinstance(kind, str):
         raise ValueError("emit() needs an event type, like 'app.order_created'")
     payload_json = json.dumps({} if payload is None else payload, separators=(",", ":"))
     where = db or os.environ.get("CLUSTERCTL_DB")
     if not where:
         raise RuntimeError("emit() needs the store: run under clusterctl-tui (CLUSTERCTL_DB) or pass db=")
-    return Path(where), payload_json
+    return os.fspath(where), payload_json
 
 
-def _write(path: Path, kind: str, payload_json: str, on_event_loop: bool) -> str:
+def _write(where: str, kind: str, payload_json: str, on_event_loop: bool) -> str:
     wait_ms = EVENT_LOOP_WAIT_MS if on_event_loop else BUSY_TIMEOUT_MS
     try:
         with _holding(_outboxes_lock, wait_ms):
-            outbox = _outboxes.get(path)
+            outbox = _outboxes.get(where)
             if outbox is None:
-                outbox = _outboxes[path] = _Outbox(path, wait_ms)
+                outbox = _outboxes[where] = _Outbox(where, wait_ms)
         return outbox.emit(kind, payload_json, wait_ms)
-    except (OSError, sqlite3.Error, StoreError) as exc:
+    except STORE_ERRORS as exc:
         if is_busy(exc) or isinstance(exc, TimeoutError):
             reason = f"it stayed locked by another writer for {wait_ms / 1000:g}s"
             if on_event_loop:
                 reason += " (the limit on an event loop; `await emit_async(...)` waits longer without blocking it)"
         else:
             reason = str(exc)
-        raise EmitError(f"event {kind!r} was NOT recorded in store {path}: {reason}") from exc
+        raise EmitError(f"event {kind!r} was NOT recorded in store {store_label(where)}: {reason}") from exc
 
 
 def _on_event_loop() -> bool:
@@ -202,13 +204,13 @@ def emit(kind: str, payload: Any = None, *, db: str | os.PathLike[str] | None = 
     0.2 s and then raises EmitError; use `await emit_async(...)` there to wait the full time
     without blocking the loop.
     """
-    path, payload_json = _prepare(kind, payload, db)
-    return _write(path, kind, payload_json, _on_event_loop())
+    where, payload_json = _prepare(kind, payload, db)
+    return _write(where, kind, payload_json, _on_event_loop())
 
 
 async def emit_async(kind: str, payload: Any = None, *, db: str | os.PathLike[str] | None = None) -> str:
     """`emit()` for async code: the write runs in a thread and may wait the full 10 s for the lock,
     while the event loop goes on serving. Durable when it returns; raises EmitError if the event
     was not recorded. A task cancelled while awaiting this may still have recorded its event."""
-    path, payload_json = _prepare(kind, payload, db)  # now, so the event is the payload as it is at the call
-    return await asyncio.to_thread(_write, path, kind, payload_json, False)
+    where, payload_json = _prepare(kind, payload, db)  # now, so the event is the payload as it is at the call
+    return await asyncio.to_thread(_write, where, kind, payload_json, False)

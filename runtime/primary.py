@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 import psutil
 
 from . import commands, systemd, wire
+from .cli import version
 from .config import ConfigError, Settings
 from .control import ControlError, ControlServer, Feed, socket_path
 from .demo import with_demo_extras
@@ -32,18 +34,21 @@ from .metrics import HISTORY, percentile
 from .outbox import SecretError, resolve_secret
 from .prometheus import MetricsError, MetricsExporter
 from .scheduler import Scheduler
-from .snapshot import ClusterSnapshot, Delivery, JobRun
-from .store import AsyncStore, Store, StoreError, utc_now_iso
+from .snapshot import ClusterSnapshot, Delivery, JobRun, PrimaryRow
+from .store import STORE_ERRORS, AsyncStore, StoreError, open_store, utc_now_iso
 from .supervisor import BootError, ReloadInterrupted, ReloadRefused, Supervisor
 from .webhooks import WebhookRunner
 
 HOUSEKEEPING_INTERVAL = 1.0
+HEARTBEAT_INTERVAL = 2.0  # seconds between writes of this primary's row in `primaries`
+LIVE_WITHIN = 3 * HEARTBEAT_INTERVAL  # a primary whose row is older than this is not listed as live
 FEED_INTERVAL = 0.1  # seconds between sends of an attached console's events and output
 FEED_SNAPSHOT_INTERVAL = 1.0
 FEED_EVENTS = 1000  # buffered per attached console; a reader that falls further behind loses the oldest
 FEED_LINES = 5000
 FEED_TAIL = 40  # lines of each worker's output sent when a console attaches
 PRUNE_EVERY = 3600.0
+_version = functools.cache(version)  # what heartbeats say; looked up once
 
 
 class StartupError(Exception):
@@ -77,6 +82,7 @@ class Primary:
         self.running = False  # started, and not yet stopping
         self._withheld: dict[str, str] = {}  # env: webhook secrets, kept here only, for a reload to resolve again
         self.config_changes: list[str] = []  # what the last reload took from the config file
+        self.primaries: tuple[PrimaryRow, ...] = ()  # the live primaries on the store, as last read
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -127,7 +133,7 @@ class Primary:
             raise StartupError(str(exc)) from None
         # Only now, with the port ours, may this primary touch state it shares with others on the store.
         try:
-            self.store = AsyncStore(Store(store_path))
+            self.store = AsyncStore(open_store(settings.store))
         except StoreError as exc:
             raise StartupError(str(exc)) from None
         self.webhooks = WebhookRunner(settings.webhooks, self.store, self.events, self.pid)
@@ -142,7 +148,7 @@ class Primary:
         except ControlError as exc:
             raise StartupError(str(exc)) from None
         await self._before_start()
-        self.supervisor = Supervisor(settings, self.listener, self.events, self.logs, self._record)
+        self.supervisor = Supervisor.for_processes(settings, self.listener, self.events, self.logs, self._record)
         try:
             await self.supervisor.start()
         except BootError as exc:
@@ -210,6 +216,8 @@ class Primary:
         if self.logs is not None:
             self.logs.close()
         if self.store is not None:
+            with contextlib.suppress(*STORE_ERRORS):  # unreachable: the row ages out of the list instead
+                await self.store.call(self.store.store.forget_primary, self.pid)
             self.store.close()
         if self.systemd is not None:
             self.systemd.close()
@@ -266,7 +274,7 @@ class Primary:
         return {
             "CLUSTERCTL_INSTANCE_TYPE": "primary",
             "CLUSTERCTL_PRIMARY_PID": str(self.pid),
-            "CLUSTERCTL_DB": str(self.settings.store.path),
+            "CLUSTERCTL_DB": self.settings.store.db,
         }
 
     def _install_signals(self) -> None:
@@ -329,6 +337,9 @@ class Primary:
         if new.store.path != old.store.path:
             changes.append(f"store {old.store.path} -> {new.store.path}: not applied (restart the primary)")
             new = dataclasses.replace(new, store=old.store)
+        if new.store.url != old.store.url:  # named, never shown: a URL may hold a password
+            changes.append("store url changed: not applied (restart the primary)")
+            new = dataclasses.replace(new, store=dataclasses.replace(new.store, url=old.store.url))
         for section in ("app", "server", "store"):
             before, after = getattr(old, section), getattr(new, section)
             for field in dataclasses.fields(before):
@@ -432,6 +443,7 @@ class Primary:
             webhooks=dict(self.webhook_counts),
             store_error=self.store.last_error if self.store else None,
             started_at=self.started_at,
+            primaries=self.primaries,
         )
 
     def _record(self, worker_id: int, pid: int | None, event: str, exit_code: int | None, reason: str | None) -> None:
@@ -442,7 +454,7 @@ class Primary:
         assert self.store is not None and self.supervisor is not None
         me = psutil.Process()
         me.cpu_percent(None)
-        last_prune = 0.0
+        last_prune = last_beat = 0.0
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             self.primary_cpu = me.cpu_percent(None)
@@ -462,14 +474,29 @@ class Primary:
                     self.events.publish("store.replaced", message)
                 counts = await self.store.call(self.store.store.webhook_counts)
                 self.webhook_counts = counts
+                if time.monotonic() - last_beat >= HEARTBEAT_INTERVAL:
+                    last_beat = time.monotonic()
+                    await self._heartbeat()
                 if time.monotonic() - last_prune > PRUNE_EVERY:
                     last_prune = time.monotonic()
                     keep = self.settings.store
                     await self.store.call(self.store.store.prune_worker_events, keep_days=keep.keep_days)
                     await self.store.call(self.store.store.prune_job_runs, keep.keep_runs, keep.keep_days)
                     await self.store.call(self.store.store.prune_webhooks, keep.keep_days)
-            except Exception as exc:  # the store may be full or read-only: say so, keep serving
-                self.store.last_error = f"store {self.settings.store.path}: {exc}"
+            except Exception as exc:  # the store may be full, read-only or unreachable: say so, keep serving
+                self.store.last_error = f"store {self.settings.store.label}: {exc}"
+
+    async def _heartbeat(self) -> None:
+        """This primary's row in `primaries` (a write: when it goes through, earlier store errors are
+        over), then every live primary's, for `status` and the console."""
+        assert self.store is not None and self.supervisor is not None and self.listener is not None
+        db = self.store.store
+        ready = sum(1 for w in self.supervisor.worker_snapshots(time.monotonic()) if w.state == "ready")
+        started = self.started_at or utc_now_iso()
+        await self.store.call(db.heartbeat, self.pid, self.listener.address, ready, _version(), started)
+        self.store.wrote()
+        rows = await self.store.call(db.live_primaries, LIVE_WITHIN)
+        self.primaries = tuple(PrimaryRow(**row) for row in rows)
 
     # ------------------------------------------------------------------ control socket
 

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import os
 import random
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -36,7 +35,7 @@ from .events import EventBus
 from .jobrunner import Outcome, run_attempt
 from .processes import pid_alive
 from .snapshot import JobSnapshot
-from .store import BUSY_TIMEOUT_MS, AsyncStore
+from .store import BUSY_TIMEOUT_MS, STORE_ERRORS, AsyncStore
 
 T = TypeVar("T")
 MAX_CATCH_UP = 1000  # slots handled one by one at start; beyond that, one summary event
@@ -276,7 +275,7 @@ class Scheduler:
                     self._store_recovered(error)
                     error = None
                 backoff = STORE_RETRY_BASE
-            except (OSError, sqlite3.Error) as exc:
+            except STORE_ERRORS as exc:
                 # No claim, no run: exactly-once needs the store. The cursor stays before the slot: it is
                 # claimed on a later turn if the store is back within LATE, and follows catch_up if not.
                 what = f"{subject}: not claimed, retrying"
@@ -435,14 +434,14 @@ class Scheduler:
         )
 
     async def _insist(self, what: str, fn: Callable[..., T], *args: Any) -> T:
-        """Call `fn` on the store until it succeeds: what it writes must not be lost to a store that
-        refuses writes for a while (locked, full, read-only). Each try waits at most the busy timeout."""
+        """Call `fn` on the store until it succeeds: what it writes must not be lost to a store that refuses
+        writes for a while (locked, full, read-only, unreachable). Each try waits at most the busy timeout."""
         delay = STORE_RETRY_BASE
         error: str | None = None
         while True:
             try:
                 result = await self.store.call(fn, *args)
-            except (OSError, sqlite3.Error) as exc:
+            except STORE_ERRORS as exc:
                 retrying = f"{what}: retrying until the store takes it"
                 error = self._store_failed(retrying, exc, "job.store_error", publish=error is None)
                 await asyncio.sleep(delay)
@@ -456,7 +455,7 @@ class Scheduler:
     def _store_failed(self, what: str, exc: BaseException, kind: str, publish: bool) -> str:
         """Show a refused write in `status` (store_error) and, once per streak (`publish`), as an event."""
         self._store_failures += 1
-        error = f"store {self.store.store.path}: {exc}"
+        error = f"store {self.store.store.label}: {exc}"
         self.store.last_error = error
         if publish:
             self.events.publish(kind, f"{what} ({exc})")

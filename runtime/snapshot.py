@@ -69,6 +69,19 @@ class EndpointSnapshot:
 
 
 @dataclass(frozen=True)
+class PrimaryRow:
+    """A live primary on this store (this one too), from its heartbeat row in `primaries`."""
+
+    host: str
+    pid: int
+    bind: str
+    workers_ready: int
+    version: str
+    started_at: str
+    last_seen: str  # ISO-8601 UTC
+
+
+@dataclass(frozen=True)
 class JobRun:
     """A `job_runs` row (DESIGN.md: Store)."""
 
@@ -124,6 +137,7 @@ class ClusterSnapshot:
     webhooks: dict[str, int] = field(default_factory=lambda: {"pending": 0, "failed": 0, "delivered": 0})
     store_error: str | None = None
     started_at: str = ""
+    primaries: tuple[PrimaryRow, ...] = ()  # as last read from the store: every live primary sharing it
 
     def to_status(self) -> dict[str, Any]:
         """The `status --json` object (DESIGN.md); extend, never rename."""
@@ -155,4 +169,5 @@ class ClusterSnapshot:
             "jobs": [asdict(job) for job in self.jobs],
             "webhooks": dict(self.webhooks),
             "store_error": self.store_error,
+            "primaries": [asdict(primary) for primary in self.primaries],
         }

@@ -1,11 +1,13 @@
-"""The store: SQLite in WAL mode, shared by the primary, its workers (`emit`) and the CLI.
+"""The store: the tables every primary, worker (`emit`) and CLI command shares; SQLite by default.
 
-Table names and the columns in DESIGN.md are a contract. Everything that
-touches SQL lives here, so a server database could take its place behind the
-same methods. The primary never calls SQLite on its event loop: `AsyncStore`
-runs every call on one writer thread.
+Table names and the columns in DESIGN.md are a contract. `SqlStore` is the one
+store interface: each method is one statement or one transaction, written once
+in SQL that SQLite and PostgreSQL both run. `Store` is SQLite in WAL mode, one
+file on one host; `runtime.pgstore.PgStore` is PostgreSQL, for primaries on
+several hosts (`[store] url`). `open_store` picks one. The primary never calls
+the store on its event loop: `AsyncStore` runs every call on one thread.
 
-Many processes open one file (primaries sharing a store, every worker's
+Many processes open one SQLite file (primaries sharing a store, every worker's
 `emit`), often at the same moment, so opening is safe under concurrency: the
 file is created once, under a lock, readable by its owner only, and the schema
 is migrated in one write transaction, numbered by `PRAGMA user_version`.
@@ -19,23 +21,61 @@ import fcntl
 import json
 import os
 import random
+import socket
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from .config import StoreConfig
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 10_000
 FILE_MODE = 0o600  # it holds webhook URLs (credentials and all) and every payload
 ERROR_HOLD_SECONDS = 300.0  # a replaced store file stays in `status` this long after writes succeed again
+URL_SCHEMES = ("postgresql://", "postgres://")
+# A run whose primary on another host has not written a heartbeat for this long is abandoned by the next
+# primary to start (pids say nothing across hosts); a live primary's heartbeat is a few seconds old.
+ABANDON_AFTER = 120.0
+FORGET_AFTER = 86_400.0  # heartbeat rows of primaries gone this long are deleted
 
 
 class StoreError(Exception):
-    """The store cannot be opened or written; the message names the path and why."""
+    """The store cannot be opened or written (a server database: is unreachable); the message says why."""
+
+
+# What a store call may raise when the store, not the caller, is at fault: callers that must outlive an
+# unavailable store (the scheduler, the webhook runner, the primary's housekeeping) catch these.
+STORE_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.Error, StoreError)
+
+
+def is_url(where: str | os.PathLike[str]) -> bool:
+    """A server database's URL (`postgresql://...`), as opposed to the path of a SQLite file."""
+    return isinstance(where, str) and where.startswith(URL_SCHEMES)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (in the authority or as a `password=` parameter): what messages show."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hosts = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    query = "&".join(
+        "password=***" if item.partition("=")[0] == "password" else item for item in parts.query.split("&") if item
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def store_label(where: str | os.PathLike[str]) -> str:
+    """How messages name a store: its path, or its URL without the password."""
+    return redact_url(where) if is_url(where) else str(where)
 
 
 def iso_at(timestamp: float) -> str:
@@ -236,118 +276,81 @@ def _schema_1(conn: sqlite3.Connection) -> None:
     db["webhook_deliveries"].create_index(["event_id"], if_not_exists=True)
 
 
+def _schema_2(conn: sqlite3.Connection) -> None:
+    """Primaries' heartbeats, and the host of each pid stored (a pid names a process on one host only)."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS primaries (host TEXT NOT NULL, pid INTEGER NOT NULL, bind TEXT,"
+        " workers_ready INTEGER, version TEXT, started_at TEXT, last_seen TEXT NOT NULL, PRIMARY KEY (host, pid))"
+    )
+    conn.execute("ALTER TABLE job_runs ADD COLUMN primary_host TEXT")
+    conn.execute("ALTER TABLE webhook_deliveries ADD COLUMN leased_host TEXT")
+
+
 # Migration n brings a store from user_version n - 1 to n. Only ever append: a store at a newer version
 # than this code knows is used as it is (blue/green deploys run an older release on the same file).
-_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1,)
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1, _schema_2)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
-def _write_endpoints(conn: sqlite3.Connection, endpoints: list[dict[str, Any]]) -> None:
-    names = [e["name"] for e in endpoints]
-    conn.execute(
-        f"UPDATE webhook_endpoints SET enabled = 0, disabled_reason = 'removed from the config'"
-        f" WHERE name NOT IN ({','.join('?' * len(names))})",
-        names,
-    )
-    for e in endpoints:
-        conn.execute(
-            "INSERT INTO webhook_endpoints (name, url, events, max_attempts, enabled, disabled_reason)"
-            " VALUES (?, ?, ?, ?, 1, NULL) ON CONFLICT(name) DO UPDATE SET url = excluded.url,"
-            " events = excluded.events, max_attempts = excluded.max_attempts, enabled = 1,"
-            " disabled_reason = NULL",
-            (e["name"], e["url"], json.dumps(e["events"]), e["max_attempts"]),
-        )
+class Cursor(Protocol):
+    """What both drivers' cursors offer and the store's methods use."""
+
+    description: Any
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
 
 
-class Store:
-    """`clock` (seconds since the epoch) stamps and ages every row, so tests can pin "now".
+def _dicts(cursor: Cursor) -> list[dict[str, Any]]:
+    columns = [c[0] for c in cursor.description]
+    return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
-    `busy_timeout_ms` is how long a write waits for another connection's lock before it fails.
-    `prepare=False` (an emitter) opens only a file whose schema is already there, as `reopen` does.
+
+class SqlStore:
+    """The store interface: every method the runtime, `emit` and the CLI call, written once.
+
+    A backend supplies `_execute`, `_executemany` and `transaction` (SQL with `?` placeholders), and
+    `label`, the store's name in messages. `clock` (seconds since the epoch) stamps and ages every
+    row, so tests can pin "now". `host` goes with every pid this store writes: leases and running
+    jobs are taken back by a primary on the same host only, where a pid can be checked.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        clock: Callable[[], float] = time.time,
-        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
-        prepare: bool = True,
-    ) -> None:
-        self.path = path
+    label: str
+    # Appended to the query that picks deliveries to lease: a server database locks the rows it picks
+    # and passes over those another primary is picking (SQLite has one writer at a time anyway).
+    _SKIP_LOCKED = ""
+    # Run inside a claim's transaction with the job's name: serialises claims of one job, as SQLite's
+    # single writer does, so overlap = skip sees every run another primary started.
+    _JOB_LOCK: str | None = None
+
+    def __init__(self, clock: Callable[[], float], busy_timeout_ms: int) -> None:
         self.clock = clock
         self.busy_timeout_ms = busy_timeout_ms
-        # The endpoints this process published, so that a store file recreated under it has them again.
-        self._published: list[dict[str, Any]] | None = None
-        self.conn, self._file = self._open(prepare)
+        self.host = socket.gethostname()
 
-    def _open(self, prepare: bool) -> tuple[sqlite3.Connection, tuple[int, int]]:
-        """Connect to the file at `path`; `prepare` creates it if need be and migrates it, otherwise it
-        must be ready (its schema current)."""
-        try:
-            if prepare:
-                _create_file(self.path)
-            # Before connecting: were the file swapped in between, `file_problem` would see it and we would
-            # reopen, rather than trust a file we are not connected to.
-            info = os.stat(self.path)
-            conn = connect(self.path, self.busy_timeout_ms)
-            try:
-                if prepare:
-                    self._migrate(conn)
-                elif _schema_version(conn) < SCHEMA_VERSION:
-                    raise StoreError(f"store file {self.path} is new and its schema is not created yet")
-            except BaseException:
-                conn.close()
-                raise
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open store {self.path}: {_reason(exc)}") from None
-        return conn, (info.st_dev, info.st_ino)
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        raise NotImplementedError
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        """One write transaction, so openers racing on a fresh file create the schema once; a process that
-        published endpoints writes them in the same transaction, so no emitter sees the file without them."""
-        if self._published is None and _schema_version(conn) >= SCHEMA_VERSION:
-            return  # only a read: opening an up-to-date store never waits for a writer
-        with _transaction(conn):
-            version = _schema_version(conn)
-            for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
-                migration(conn)
-                conn.execute(f"PRAGMA user_version = {number}")
-            if self._published is not None:
-                _write_endpoints(conn, self._published)
+    def _executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        raise NotImplementedError
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def set_busy_timeout(self, busy_timeout_ms: int) -> None:
+        """How long one call may wait (for a lock, or the server) before it fails."""
+        raise NotImplementedError
 
     def file_problem(self) -> str | None:
-        """Why the file at `path` is not the one this store writes to, or None while it is.
-
-        SQLite goes on writing to a deleted (or renamed-over) file without a complaint, and all of
-        it is lost: whoever holds a Store asks this now and then and `reopen`s.
-        """
-        try:
-            info = os.stat(self.path)
-        except FileNotFoundError:
-            return f"store file {self.path} was deleted while in use"
-        if (info.st_dev, info.st_ino) != self._file:
-            return f"store file {self.path} was replaced by another file while in use"
+        """Why the store is not the file at its path any more (SQLite); None for a server database."""
         return None
 
     def reopen(self, prepare: bool = True) -> None:
-        """Move to the file now at `path`. With `prepare` (the primary), create a new one if there is
-        none, migrate it and publish this process's endpoints in it. Without (an emitter), only move to
-        a file that is ready: one whose schema, and so its endpoints, the primary has written.
-
-        Closing the old connection is safe: SQLite neither checkpoints into nor deletes the -wal of a
-        database file that has moved, so the new file's -wal at the same path is left alone.
-        """
-        conn, self._file = self._open(prepare)
-        old, self.conn = self.conn, conn
-        old.close()
-
-    def set_busy_timeout(self, busy_timeout_ms: int) -> None:
-        if busy_timeout_ms != self.busy_timeout_ms:
-            self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            self.busy_timeout_ms = busy_timeout_ms
+        raise NotImplementedError
 
     def close(self) -> None:
-        self.conn.close()
+        raise NotImplementedError
 
     def _now(self) -> str:
         return iso_at(self.clock())
@@ -357,9 +360,6 @@ class Store:
 
     def _iso_days_ago(self, days: float) -> str:
         return iso_at(self.clock() - days * 86400)
-
-    def transaction(self) -> contextlib.AbstractContextManager[None]:
-        return _transaction(self.conn)
 
     # worker events
 
@@ -372,23 +372,23 @@ class Store:
         reason: str | None = None,
         primary_pid: int | None = None,
     ) -> None:
-        self.conn.execute(
+        self._execute(
             "INSERT INTO worker_events (ts, worker_id, pid, event, exit_code, reason, primary_pid)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (self._now(), worker_id, pid, event, exit_code, reason, primary_pid),
         )
 
     def worker_events(self, limit: int = 100) -> list[dict[str, Any]]:
-        cursor = self.conn.execute(
-            "SELECT ts, worker_id, pid, event, exit_code, reason FROM worker_events ORDER BY id DESC LIMIT ?",
-            (limit,),
+        return _dicts(
+            self._execute(
+                "SELECT ts, worker_id, pid, event, exit_code, reason FROM worker_events ORDER BY id DESC LIMIT ?",
+                (limit,),
+            )
         )
-        columns = [c[0] for c in cursor.description]
-        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def prune_worker_events(self, keep: int = 10_000, keep_days: float = 30.0) -> None:
         cutoff = self._iso_days_ago(keep_days)
-        self.conn.execute(
+        self._execute(
             "DELETE FROM worker_events WHERE ts < ? OR id <= (SELECT MAX(id) FROM worker_events) - ?",
             (cutoff, keep),
         )
@@ -414,68 +414,66 @@ class Store:
         """
         now = self._now()
         with self.transaction():
+            if self._JOB_LOCK is not None:
+                self._execute(self._JOB_LOCK, (job,))
             running = [
                 row[0]
-                for row in self.conn.execute(
-                    "SELECT id FROM job_runs WHERE job = ? AND status = 'running'", (job,)
+                for row in self._execute(
+                    "SELECT id FROM job_runs WHERE job = ? AND status = 'running' ORDER BY id", (job,)
                 ).fetchall()
                 if row[0] not in finished
             ]
             skip = overlap == "skip" and bool(running)
-            try:
-                cursor = self.conn.execute(
-                    "INSERT INTO job_runs (job, scheduled_for, trigger, started_at, finished_at, status, output,"
-                    " attempt, primary_pid) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)",
-                    (
-                        job,
-                        scheduled_for,
-                        trigger,
-                        now,
-                        now if skip else None,
-                        "skipped" if skip else "running",
-                        f"skipped: run {running[0]} of this job was still running (overlap = skip)" if skip else "",
-                        primary_pid,
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                lost = True
-            else:
-                lost = False
-                if trigger != "manual":
-                    self.mark_slot(job, scheduled_for)
-        if lost:
+            claimed = self._execute(
+                "INSERT INTO job_runs (job, scheduled_for, trigger, started_at, finished_at, status, output,"
+                " attempt, primary_pid, primary_host) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?)"
+                " ON CONFLICT (job, scheduled_for) DO NOTHING RETURNING id",
+                (
+                    job,
+                    scheduled_for,
+                    trigger,
+                    now,
+                    now if skip else None,
+                    "skipped" if skip else "running",
+                    f"skipped: run {running[0]} of this job was still running (overlap = skip)" if skip else "",
+                    primary_pid,
+                    self.host,
+                ),
+            ).fetchone()
+            if claimed is not None and trigger != "manual":
+                self.mark_slot(job, scheduled_for)
+        if claimed is None:
             return "lost", None, []
-        return ("skipped" if skip else "claimed"), cursor.lastrowid, running
+        return ("skipped" if skip else "claimed"), claimed[0], running
 
     def record_skipped(self, job: str, scheduled_for: str, trigger: str, reason: str, primary_pid: int) -> bool:
         """A slot that will not run, and why; False if the slot already has a row."""
         now = self._now()
-        try:
-            self.conn.execute(
+        with self.transaction():
+            recorded = self._execute(
                 "INSERT INTO job_runs (job, scheduled_for, trigger, started_at, finished_at, status, output, attempt,"
-                " primary_pid) VALUES (?, ?, ?, ?, ?, 'skipped', ?, 0, ?)",
-                (job, scheduled_for, trigger, now, now, reason, primary_pid),
-            )
-        except sqlite3.IntegrityError:
-            return False
-        finally:
+                " primary_pid, primary_host) VALUES (?, ?, ?, ?, ?, 'skipped', ?, 0, ?, ?)"
+                " ON CONFLICT (job, scheduled_for) DO NOTHING RETURNING id",
+                (job, scheduled_for, trigger, now, now, reason, primary_pid, self.host),
+            ).fetchone()
             self.mark_slot(job, scheduled_for)
-        return True
+        return recorded is not None
 
     def mark_slot(self, job: str, scheduled_for: str) -> None:
         """Remember the newest slot this job has seen, so catch-up knows where to resume."""
-        self.conn.execute(
+        self._execute(
             "INSERT INTO job_state (job, paused, last_slot, updated_at) VALUES (?, 0, ?, ?)"
-            " ON CONFLICT(job) DO UPDATE SET last_slot = MAX(COALESCE(last_slot, ''), excluded.last_slot)",
+            " ON CONFLICT (job) DO UPDATE SET last_slot = CASE WHEN excluded.last_slot >"
+            " COALESCE(job_state.last_slot, '') THEN excluded.last_slot ELSE job_state.last_slot END",
             (job, scheduled_for, self._now()),
         )
 
     def last_slot(self, job: str) -> str | None:
-        row = self.conn.execute("SELECT last_slot FROM job_state WHERE job = ?", (job,)).fetchone()
+        row = self._execute("SELECT last_slot FROM job_state WHERE job = ?", (job,)).fetchone()
         return row[0] if row else None
 
     def begin_attempt(self, run_id: int, attempt: int) -> None:
-        self.conn.execute(
+        self._execute(
             "UPDATE job_runs SET attempt = ?, status = 'running', finished_at = NULL WHERE id = ?", (attempt, run_id)
         )
 
@@ -484,22 +482,33 @@ class Store:
     ) -> None:
         now = self._now()
         with self.transaction():
-            self.conn.execute(
+            self._execute(
                 "INSERT INTO job_attempts (run_id, attempt, started_at, finished_at, status, exit_code, output)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (run_id, attempt, started_at, now, status, exit_code, output),
             )
-            self.conn.execute(
+            self._execute(
                 "UPDATE job_runs SET status = ?, exit_code = ?, output = ?, finished_at = ? WHERE id = ?",
                 (status if final else "running", exit_code, output, now if final else None, run_id),
             )
 
     def abandon_runs(self, alive: Callable[[int], bool], reason: str) -> list[int]:
-        """Mark `running` rows whose primary is gone as `abandoned`."""
-        rows = self.conn.execute("SELECT id, primary_pid FROM job_runs WHERE status = 'running'").fetchall()
-        dead = [run_id for run_id, pid in rows if pid is None or not alive(pid)]
+        """Mark `running` rows whose primary is gone as `abandoned`: on this host, its pid is not alive;
+        on another, it has written no heartbeat for ABANDON_AFTER seconds."""
+        rows = self._execute("SELECT id, primary_pid, primary_host FROM job_runs WHERE status = 'running'").fetchall()
+        heard = {
+            (host, pid)
+            for host, pid in self._execute(
+                "SELECT host, pid FROM primaries WHERE last_seen >= ?", (self._iso_in(-ABANDON_AFTER),)
+            ).fetchall()
+        }
+        dead = [
+            run_id
+            for run_id, pid, host in rows
+            if pid is None or (not alive(pid) if host in (None, self.host) else (host, pid) not in heard)
+        ]
         for run_id in dead:
-            self.conn.execute(
+            self._execute(
                 "UPDATE job_runs SET status = 'abandoned', finished_at = ?, output = COALESCE(output, '') || ?"
                 " WHERE id = ?",
                 (self._now(), reason, run_id),
@@ -507,17 +516,17 @@ class Store:
         return dead
 
     def set_paused(self, job: str, paused: bool) -> None:
-        self.conn.execute(
+        self._execute(
             "INSERT INTO job_state (job, paused, updated_at) VALUES (?, ?, ?)"
-            " ON CONFLICT(job) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at",
+            " ON CONFLICT (job) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at",
             (job, int(paused), self._now()),
         )
 
     def paused_jobs(self) -> set[str]:
-        return {row[0] for row in self.conn.execute("SELECT job FROM job_state WHERE paused = 1")}
+        return {row[0] for row in self._execute("SELECT job FROM job_state WHERE paused = 1").fetchall()}
 
     def last_statuses(self) -> dict[str, str]:
-        rows = self.conn.execute(
+        rows = self._execute(
             "SELECT job, status FROM job_runs WHERE id IN (SELECT MAX(id) FROM job_runs GROUP BY job)"
         ).fetchall()
         return dict(rows)
@@ -531,31 +540,64 @@ class Store:
             clauses.append("status = ?")
             params.append(status)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        cursor = self.conn.execute(
-            "SELECT id, job, scheduled_for, trigger, started_at, finished_at, status, exit_code, output, attempt"
-            f" FROM job_runs {where} ORDER BY id DESC LIMIT ?",
-            (*params, limit),
+        return _dicts(
+            self._execute(
+                "SELECT id, job, scheduled_for, trigger, started_at, finished_at, status, exit_code, output, attempt"
+                f" FROM job_runs {where} ORDER BY id DESC LIMIT ?",
+                (*params, limit),
+            )
         )
-        columns = [c[0] for c in cursor.description]
-        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+    def job_run(self, run_id: int) -> dict[str, Any] | None:
+        """One `job_runs` row, every column."""
+        rows = _dicts(self._execute("SELECT * FROM job_runs WHERE id = ?", (run_id,)))
+        return rows[0] if rows else None
 
     def prune_job_runs(self, keep_runs: int, keep_days: float) -> int:
         cutoff = self._iso_days_ago(keep_days)
         with self.transaction():
-            cursor = self.conn.execute(
+            cursor = self._execute(
                 "DELETE FROM job_runs WHERE status != 'running' AND (scheduled_for < ? OR id IN ("
                 " SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY job ORDER BY id DESC) AS n"
-                " FROM job_runs) WHERE n > ?))",
+                " FROM job_runs) AS ranked WHERE n > ?))",
                 (cutoff, keep_runs),
             )
-            self.conn.execute("DELETE FROM job_attempts WHERE run_id NOT IN (SELECT id FROM job_runs)")
+            self._execute("DELETE FROM job_attempts WHERE run_id NOT IN (SELECT id FROM job_runs)")
         return cursor.rowcount
+
+    # primaries
+
+    def heartbeat(self, pid: int, bind: str, workers_ready: int, version: str, started_at: str) -> None:
+        """This primary is alive: its row, stamped now (and rows of primaries long gone deleted)."""
+        with self.transaction():
+            self._execute(
+                "INSERT INTO primaries (host, pid, bind, workers_ready, version, started_at, last_seen)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, pid) DO UPDATE SET bind = excluded.bind,"
+                " workers_ready = excluded.workers_ready, version = excluded.version,"
+                " started_at = excluded.started_at, last_seen = excluded.last_seen",
+                (self.host, pid, bind, workers_ready, version, started_at, self._now()),
+            )
+            self._execute("DELETE FROM primaries WHERE last_seen < ?", (self._iso_in(-FORGET_AFTER),))
+
+    def live_primaries(self, within: float) -> list[dict[str, Any]]:
+        """Primaries whose last heartbeat is at most `within` seconds old."""
+        return _dicts(
+            self._execute(
+                "SELECT host, pid, bind, workers_ready, version, started_at, last_seen FROM primaries"
+                " WHERE last_seen >= ? ORDER BY host, pid",
+                (self._iso_in(-within),),
+            )
+        )
+
+    def forget_primary(self, pid: int) -> None:
+        """A primary that stops says so at once, rather than waiting to age out of `live_primaries`."""
+        self._execute("DELETE FROM primaries WHERE host = ? AND pid = ?", (self.host, pid))
 
     # webhooks
 
     def webhook_counts(self) -> dict[str, int]:
         """pending (not yet tried), failed (last attempt failed: retrying or dead), delivered, and dead alone."""
-        counts = dict(self.conn.execute("SELECT status, COUNT(*) FROM webhook_deliveries GROUP BY status").fetchall())
+        counts = dict(self._execute("SELECT status, COUNT(*) FROM webhook_deliveries GROUP BY status").fetchall())
         return {
             "pending": counts.get("pending", 0),
             "failed": counts.get("failed", 0) + counts.get("dead", 0),
@@ -565,97 +607,112 @@ class Store:
 
     def endpoint_counts(self) -> dict[str, dict[str, int]]:
         counts: dict[str, dict[str, int]] = {}
-        for endpoint, status, count in self.conn.execute(
+        for endpoint, status, count in self._execute(
             "SELECT endpoint, status, COUNT(*) FROM webhook_deliveries GROUP BY endpoint, status"
-        ):
+        ).fetchall():
             counts.setdefault(endpoint, {})[status] = count
         return counts
 
     def sync_endpoints(self, endpoints: list[dict[str, Any]]) -> None:
         """Publish the configured endpoints (never their secrets) for `emit()` in any process to fan out to."""
         with self.transaction():
-            _write_endpoints(self.conn, endpoints)
-        self._published = list(endpoints)
+            self._write_endpoints(endpoints, self._execute)
+
+    @staticmethod
+    def _write_endpoints(endpoints: list[dict[str, Any]], execute: Callable[..., Any]) -> None:
+        """Inside a transaction: every endpoint not in `endpoints` is disabled, those in it are (re)enabled."""
+        execute("UPDATE webhook_endpoints SET enabled = 0, disabled_reason = 'removed from the config'")
+        for e in endpoints:
+            execute(
+                "INSERT INTO webhook_endpoints (name, url, events, max_attempts, enabled, disabled_reason)"
+                " VALUES (?, ?, ?, ?, 1, NULL) ON CONFLICT (name) DO UPDATE SET url = excluded.url,"
+                " events = excluded.events, max_attempts = excluded.max_attempts, enabled = 1,"
+                " disabled_reason = NULL",
+                (e["name"], e["url"], json.dumps(e["events"]), e["max_attempts"]),
+            )
 
     def disable_endpoint(self, name: str, reason: str) -> None:
-        self.conn.execute(
-            "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = ? WHERE name = ?", (reason, name)
-        )
+        self._execute("UPDATE webhook_endpoints SET enabled = 0, disabled_reason = ? WHERE name = ?", (reason, name))
 
     def kill_queue(self, endpoint: str, reason: str) -> int:
         """Every queued delivery of a disabled endpoint becomes dead (replayable), with the reason."""
-        return self.conn.execute(
-            "UPDATE webhook_deliveries SET status = 'dead', last_error = ?, leased_by = NULL, lease_until = NULL"
-            " WHERE endpoint = ? AND status IN ('pending', 'failed')",
+        return self._execute(
+            "UPDATE webhook_deliveries SET status = 'dead', last_error = ?, leased_by = NULL, leased_host = NULL,"
+            " lease_until = NULL WHERE endpoint = ? AND status IN ('pending', 'failed')",
             (reason, endpoint),
         ).rowcount
 
     def endpoints(self) -> list[dict[str, Any]]:
-        cursor = self.conn.execute(
-            "SELECT name, url, events, max_attempts, enabled, disabled_reason FROM webhook_endpoints"
+        cursor = self._execute(
+            "SELECT name, url, events, max_attempts, enabled, disabled_reason FROM webhook_endpoints ORDER BY name"
         )
-        rows = []
-        for name, url, events, max_attempts, enabled, reason in cursor.fetchall():
-            rows.append(
-                {
-                    "name": name,
-                    "url": url,
-                    "events": json.loads(events),
-                    "max_attempts": max_attempts,
-                    "enabled": bool(enabled),
-                    "disabled_reason": reason,
-                }
-            )
-        return rows
+        return [
+            {
+                "name": name,
+                "url": url,
+                "events": json.loads(events),
+                "max_attempts": max_attempts,
+                "enabled": bool(enabled),
+                "disabled_reason": reason,
+            }
+            for name, url, events, max_attempts, enabled, reason in cursor.fetchall()
+        ]
 
     def emit(self, event_id: str, kind: str, payload: str, endpoints: list[str]) -> None:
         """The event and one pending delivery per matching endpoint, in one transaction."""
         now = self._now()
         with self.transaction():
-            self.conn.execute(
+            self._execute(
                 "INSERT INTO webhook_events (id, type, payload, created_at) VALUES (?, ?, ?, ?)",
                 (event_id, kind, payload, now),
             )
-            self.conn.executemany(
+            self._executemany(
                 "INSERT INTO webhook_deliveries (event_id, endpoint, attempt, status, next_attempt_at, created_at)"
                 " VALUES (?, ?, 0, 'pending', ?, ?)",
                 [(event_id, name, now, now) for name in endpoints],
             )
 
     def lease_deliveries(self, endpoint: str, owner: int, limit: int, lease_seconds: float) -> list[dict[str, Any]]:
-        """Take up to `limit` due deliveries of one endpoint for `owner` (a primary's pid) for a while."""
+        """Take up to `limit` due deliveries of one endpoint for `owner` (a primary's pid) for a while.
+
+        Any primary may take any due delivery whose lease has run out: a dead primary's leases pass
+        to the others after `lease_seconds`.
+        """
         now = self._now()
         until = self._iso_in(lease_seconds)
         with self.transaction():
-            rows = self.conn.execute(
+            rows = self._execute(
                 "SELECT d.id, d.event_id, d.attempt, e.type, e.payload, e.created_at FROM webhook_deliveries d"
                 " JOIN webhook_events e ON e.id = d.event_id"
                 " WHERE d.endpoint = ? AND d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?"
-                " AND (d.lease_until IS NULL OR d.lease_until < ?) ORDER BY d.next_attempt_at, d.id LIMIT ?",
+                " AND (d.lease_until IS NULL OR d.lease_until < ?) ORDER BY d.next_attempt_at, d.id LIMIT ?"
+                + self._SKIP_LOCKED,
                 (endpoint, now, now, limit),
             ).fetchall()
-            self.conn.executemany(
-                "UPDATE webhook_deliveries SET leased_by = ?, lease_until = ? WHERE id = ?",
-                [(owner, until, row[0]) for row in rows],
+            self._executemany(
+                "UPDATE webhook_deliveries SET leased_by = ?, leased_host = ?, lease_until = ? WHERE id = ?",
+                [(owner, self.host, until, row[0]) for row in rows],
             )
         keys = ("id", "event_id", "attempt", "type", "payload", "created_at")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
     def release_leases(self, alive: Callable[[int], bool]) -> int:
-        """Leases held by primaries that died go back to the queue at once."""
+        """Leases held by primaries on this host that died go back to the queue at once (those of
+        another host's primaries run out instead: their pids cannot be checked from here)."""
+        mine = "leased_by IS NOT NULL AND COALESCE(leased_host, ?) = ? AND status IN ('pending', 'failed')"
         owners = [
             row[0]
-            for row in self.conn.execute(
-                "SELECT DISTINCT leased_by FROM webhook_deliveries WHERE leased_by IS NOT NULL"
-                " AND status IN ('pending', 'failed')"
-            )
+            for row in self._execute(
+                f"SELECT DISTINCT leased_by FROM webhook_deliveries WHERE {mine}", (self.host, self.host)
+            ).fetchall()
         ]
         released = 0
         for owner in owners:
             if not alive(owner):
-                released += self.conn.execute(
-                    "UPDATE webhook_deliveries SET leased_by = NULL, lease_until = NULL WHERE leased_by = ?",
-                    (owner,),
+                released += self._execute(
+                    "UPDATE webhook_deliveries SET leased_by = NULL, leased_host = NULL, lease_until = NULL"
+                    f" WHERE {mine} AND leased_by = ?",
+                    (self.host, self.host, owner),
                 ).rowcount
         return released
 
@@ -669,9 +726,10 @@ class Store:
         next_attempt_in: float | None,
     ) -> None:
         now = self._now()
-        self.conn.execute(
+        self._execute(
             "UPDATE webhook_deliveries SET attempt = ?, status = ?, response_code = ?, last_error = ?,"
-            " next_attempt_at = ?, delivered_at = ?, leased_by = NULL, lease_until = NULL WHERE id = ?",
+            " next_attempt_at = ?, delivered_at = ?, leased_by = NULL, leased_host = NULL, lease_until = NULL"
+            " WHERE id = ?",
             (
                 attempt,
                 status,
@@ -711,50 +769,181 @@ class Store:
         now = self._now()
         created = []
         with self.transaction():
-            rows = self.conn.execute(
+            rows = self._execute(
                 "SELECT d.id, d.event_id, d.endpoint FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id"
                 f" WHERE {' AND '.join(clauses)} ORDER BY d.id",
                 params,
             ).fetchall()
             for old_id, event_id, name in rows:
-                cursor = self.conn.execute(
+                row = self._execute(
                     "INSERT INTO webhook_deliveries (event_id, endpoint, attempt, status, next_attempt_at, created_at,"
-                    " replay_of) VALUES (?, ?, 0, 'pending', ?, ?, ?)",
+                    " replay_of) VALUES (?, ?, 0, 'pending', ?, ?, ?) RETURNING id",
                     (event_id, name, now, now, old_id),
-                )
-                created.append(cursor.lastrowid)
+                ).fetchone()
+                created.append(row[0])
         return created
 
     def deliveries(self, limit: int = 50, endpoint: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE d.endpoint = ?", [endpoint]) if endpoint else ("", [])
-        cursor = self.conn.execute(
-            "SELECT d.id, d.event_id, e.type, d.endpoint, d.attempt, d.status, d.response_code, d.next_attempt_at,"
-            " d.last_error, d.delivered_at, e.created_at, d.replay_of FROM webhook_deliveries d"
-            f" JOIN webhook_events e ON e.id = d.event_id {where} ORDER BY d.id DESC LIMIT ?",
-            (*params, limit),
+        return _dicts(
+            self._execute(
+                "SELECT d.id, d.event_id, e.type, d.endpoint, d.attempt, d.status, d.response_code,"
+                " d.next_attempt_at, d.last_error, d.delivered_at, e.created_at, d.replay_of FROM webhook_deliveries d"
+                f" JOIN webhook_events e ON e.id = d.event_id {where} ORDER BY d.id DESC LIMIT ?",
+                (*params, limit),
+            )
         )
-        columns = [c[0] for c in cursor.description]
-        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def prune_webhooks(self, keep_days: float, keep_deliveries: int = 100_000) -> None:
         cutoff = self._iso_days_ago(keep_days)
         with self.transaction():
-            self.conn.execute(
+            self._execute(
                 "DELETE FROM webhook_deliveries WHERE status IN ('delivered', 'dead') AND (created_at < ?"
                 " OR id <= (SELECT MAX(id) FROM webhook_deliveries) - ?)",
                 (cutoff, keep_deliveries),
             )
-            self.conn.execute(
+            self._execute(
                 "DELETE FROM webhook_events WHERE created_at < ? AND id NOT IN"
                 " (SELECT event_id FROM webhook_deliveries)",
                 (cutoff,),
             )
 
 
+class Store(SqlStore):
+    """The SQLite store: one file, WAL, shared by every process of the primaries on one host.
+
+    `busy_timeout_ms` is how long a write waits for another connection's lock before it fails.
+    `prepare=False` (an emitter) opens only a file whose schema is already there, as `reopen` does.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        prepare: bool = True,
+    ) -> None:
+        super().__init__(clock, busy_timeout_ms)
+        self.path = path
+        self.label = str(path)
+        # The endpoints this process published, so that a store file recreated under it has them again.
+        self._published: list[dict[str, Any]] | None = None
+        self.conn, self._file = self._open(prepare)
+
+    def _open(self, prepare: bool) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        """Connect to the file at `path`; `prepare` creates it if need be and migrates it, otherwise it
+        must be ready (its schema current)."""
+        try:
+            if prepare:
+                _create_file(self.path)
+            # Before connecting: were the file swapped in between, `file_problem` would see it and we would
+            # reopen, rather than trust a file we are not connected to.
+            info = os.stat(self.path)
+            conn = connect(self.path, self.busy_timeout_ms)
+            try:
+                if prepare:
+                    self._migrate(conn)
+                elif _schema_version(conn) < SCHEMA_VERSION:
+                    raise StoreError(f"store file {self.path} is new and its schema is not created yet")
+            except BaseException:
+                conn.close()
+                raise
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open store {self.path}: {_reason(exc)}") from None
+        return conn, (info.st_dev, info.st_ino)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """One write transaction, so openers racing on a fresh file create the schema once; a process that
+        published endpoints writes them in the same transaction, so no emitter sees the file without them."""
+        if self._published is None and _schema_version(conn) >= SCHEMA_VERSION:
+            return  # only a read: opening an up-to-date store never waits for a writer
+        with _transaction(conn):
+            version = _schema_version(conn)
+            for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
+                migration(conn)
+                conn.execute(f"PRAGMA user_version = {number}")
+            if self._published is not None:
+                self._write_endpoints(self._published, conn.execute)
+
+    def file_problem(self) -> str | None:
+        """Why the file at `path` is not the one this store writes to, or None while it is.
+
+        SQLite goes on writing to a deleted (or renamed-over) file without a complaint, and all of
+        it is lost: whoever holds a Store asks this now and then and `reopen`s.
+        """
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return f"store file {self.path} was deleted while in use"
+        if (info.st_dev, info.st_ino) != self._file:
+            return f"store file {self.path} was replaced by another file while in use"
+        return None
+
+    def reopen(self, prepare: bool = True) -> None:
+        """Move to the file now at `path`. With `prepare` (the primary), create a new one if there is
+        none, migrate it and publish this process's endpoints in it. Without (an emitter), only move to
+        a file that is ready: one whose schema, and so its endpoints, the primary has written.
+
+        Closing the old connection is safe: SQLite neither checkpoints into nor deletes the -wal of a
+        database file that has moved, so the new file's -wal at the same path is left alone.
+        """
+        conn, self._file = self._open(prepare)
+        old, self.conn = self.conn, conn
+        old.close()
+
+    def set_busy_timeout(self, busy_timeout_ms: int) -> None:
+        if busy_timeout_ms != self.busy_timeout_ms:
+            self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            self.busy_timeout_ms = busy_timeout_ms
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        return _transaction(self.conn)
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return self.conn.execute(sql, params)
+
+    def _executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    def sync_endpoints(self, endpoints: list[dict[str, Any]]) -> None:
+        super().sync_endpoints(endpoints)
+        self._published = list(endpoints)
+
+
+def open_store_url(
+    where: str | os.PathLike[str],
+    clock: Callable[[], float] = time.time,
+    busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+    prepare: bool = True,
+) -> SqlStore:
+    """The store at `where`: PostgreSQL for a `postgresql://` URL, else the SQLite file at that path.
+
+    `prepare` (the primary) creates and migrates the schema; without it (an emitter, the CLI) the
+    schema must be there already. StoreError says why a store cannot be opened.
+    """
+    if is_url(where):
+        try:
+            from .pgstore import PgStore
+        except ImportError:
+            raise StoreError(
+                f"store {store_label(where)} needs psycopg: pip install 'clusterctl-tui[postgres]'"
+            ) from None
+        return PgStore(str(where), clock=clock, busy_timeout_ms=busy_timeout_ms, prepare=prepare)
+    return Store(Path(where), clock=clock, busy_timeout_ms=busy_timeout_ms, prepare=prepare)
+
+
+def open_store(config: StoreConfig, prepare: bool = True) -> SqlStore:
+    """The store `[store]` names: its `url` when set, else the SQLite file at its `path`."""
+    return open_store_url(config.url or config.path, prepare=prepare)
+
+
 class AsyncStore:
     """The primary's handle: every call runs on one thread, off the event loop."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: SqlStore) -> None:
         self.store = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clusterctl-store")
         self.last_error: str | None = None
@@ -765,14 +954,14 @@ class AsyncStore:
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Fire and forget; a failure (disk full, read-only) is kept in `last_error`, never raised."""
+        """Fire and forget; a failure (disk full, read-only, unreachable) is kept in `last_error`, never raised."""
 
         def run() -> None:
             try:
                 fn(*args, **kwargs)
                 self.last_error = self._still_held()
-            except (OSError, sqlite3.Error) as exc:
-                self.last_error = f"store {self.store.path}: {_reason(exc)}"
+            except STORE_ERRORS as exc:
+                self.last_error = f"store {self.store.label}: {_reason(exc)}"
 
         self._executor.submit(run)
 
@@ -781,6 +970,10 @@ class AsyncStore:
         operator must see although the store works again (its file was replaced, history is gone)."""
         self.last_error = message
         self._held = (message, time.monotonic() + hold)
+
+    def wrote(self) -> None:
+        """A write went through: what the store refused before is over (held reports stay)."""
+        self.last_error = self._still_held()
 
     def _still_held(self) -> str | None:
         if self._held is not None and time.monotonic() < self._held[1]:

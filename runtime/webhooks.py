@@ -17,7 +17,7 @@ import email.utils
 import json
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from .events import Event, EventBus
 from .outbox import body_for, matches, new_event_id, resolve_secret, sign
 from .processes import pid_alive
 from .snapshot import EndpointSnapshot
-from .store import AsyncStore
+from .store import STORE_ERRORS, AsyncStore
 
 # Cluster events that are also webhook events (DESIGN.md).
 CLUSTER_EVENTS = {
@@ -190,7 +190,7 @@ class WebhookRunner:
             if not endpoint.enabled:
                 # Disabled by a 410: what is queued (or emitted before every process noticed)
                 # is marked dead, to be replayed once the receiver is fixed, not left pending forever.
-                await self.store.call(self.store.store.kill_queue, config.name, DISABLED)
+                await self._record(endpoint, self.store.store.kill_queue, config.name, DISABLED)
                 await asyncio.sleep(POLL_INTERVAL * 5)
                 continue
             room = config.concurrency - len(endpoint.in_flight)
@@ -241,19 +241,19 @@ class WebhookRunner:
         db = self.store.store
         if error is None:
             endpoint.delivered += 1
-            await self.store.call(db.finish_delivery, delivery["id"], attempt, "delivered", code, None, None)
+            await self._record(endpoint, db.finish_delivery, delivery["id"], attempt, "delivered", code, None, None)
             return
         endpoint.failed += 1
         endpoint.last_error = error
         if code == 410:
             endpoint.enabled = False
             reason = DISABLED
-            await self.store.call(db.disable_endpoint, config.name, reason)
-            await self.store.call(db.finish_delivery, delivery["id"], attempt, "dead", code, reason, None)
+            await self._record(endpoint, db.disable_endpoint, config.name, reason)
+            await self._record(endpoint, db.finish_delivery, delivery["id"], attempt, "dead", code, reason, None)
             self.events.publish("webhook.endpoint_disabled", f"{config.name}: {reason}", endpoint=config.name)
             return
         if attempt >= config.max_attempts:
-            await self.store.call(db.finish_delivery, delivery["id"], attempt, "dead", code, error, None)
+            await self._record(endpoint, db.finish_delivery, delivery["id"], attempt, "dead", code, error, None)
             self.events.publish(
                 "webhook.dead",
                 f"{config.name}: {delivery['type']} {delivery['event_id']} dead after {attempt} attempts: {error}",
@@ -262,7 +262,16 @@ class WebhookRunner:
             )
             return
         delay = retry_after if retry_after is not None else backoff(config.retry_base, attempt)
-        await self.store.call(db.finish_delivery, delivery["id"], attempt, "failed", code, error, delay)
+        await self._record(endpoint, db.finish_delivery, delivery["id"], attempt, "failed", code, error, delay)
+
+    async def _record(self, endpoint: Endpoint, fn: Callable[..., Any], *args: Any) -> None:
+        """Write an outcome; one the store refuses (full, unreachable) is not lost: the delivery's
+        lease runs out and it is sent again (at least once), so this only says so."""
+        try:
+            await self.store.call(fn, *args)
+        except STORE_ERRORS as exc:
+            endpoint.last_error = f"store: {exc}"
+            self.store.last_error = f"store {self.store.store.label}: {exc}"
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

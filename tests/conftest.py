@@ -11,15 +11,18 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import pytest
 
 APPS = Path(__file__).parent / "apps"
+PG_URL = "CLUSTERCTL_TEST_PG_URL"  # exported by `tests/pg.sh start`
 
 
 def free_port() -> int:
@@ -65,6 +68,41 @@ def endpoints(db: Path) -> dict[str, int]:
         return dict(conn.execute("SELECT name, enabled FROM webhook_endpoints").fetchall())
     finally:
         conn.close()
+
+
+OPENER = """
+import sys, time
+from pathlib import Path
+from runtime.store import open_store_url
+
+go = Path(sys.argv[2])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.001)
+open_store_url(sys.argv[1]).close()
+"""
+
+
+def open_together(where: str, go: Path, count: int) -> list[str]:
+    """`count` processes open the store at `where` (a path or a URL) at the same moment, as primaries
+    starting together do; the stderr of each one that failed."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, where, str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(count)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        go.touch()  # every opener is past its imports: they all start now
+        outcomes = [(proc.communicate(timeout=60), proc.returncode) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [err for (_out, err), code in outcomes if code != 0]
 
 
 def get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, bytes]:
@@ -269,3 +307,35 @@ def port_free(port: int) -> bool:
 
 def send_signal(cluster: Cluster, sig: signal.Signals) -> None:
     os.kill(cluster.proc.pid, sig)
+
+
+# ---------------------------------------------------------------------------- PostgreSQL (tests/pg.sh)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The test server's superuser URL. Under CI its absence is a failure: those tests never skip there."""
+    url = os.environ.get(PG_URL)
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail(f"{PG_URL} is not set: .ci/run starts PostgreSQL with tests/pg.sh")
+        pytest.skip(f'no PostgreSQL for this test: eval "$(tests/pg.sh start)" first ({PG_URL})')
+    return url
+
+
+def database_url(server: str, name: str) -> str:
+    parts = urlsplit(server)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A new, empty database on the test server for this test alone, dropped afterwards."""
+    import psycopg
+
+    name = f"clusterctl_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield database_url(pg_server, name)
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -10,15 +10,13 @@ import json
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, get, wait_for
+from conftest import free_port, get, open_together, wait_for
 
 from runtime import EmitError, emit, emit_async
 from runtime.logs import LogLine, WorkerLogs
@@ -62,20 +60,6 @@ def mode(path: Path) -> int:
 
 # ---------------------------------------------------------------------------- 1. primaries opening one fresh store
 
-OPENER = """
-import sys
-import time
-from pathlib import Path
-
-from runtime.store import Store
-
-go = Path(sys.argv[2])
-print("ready", flush=True)
-while not go.exists():
-    time.sleep(0.001)
-Store(Path(sys.argv[1])).close()
-"""
-
 
 def test_processes_opening_a_fresh_store_at_the_same_moment_all_succeed(tmp_path: Path) -> None:
     reference = tmp_path / "reference.db"
@@ -83,27 +67,7 @@ def test_processes_opening_a_fresh_store_at_the_same_moment_all_succeed(tmp_path
     expected = schema(reference)
     for attempt in range(5):
         db = tmp_path / f"round-{attempt}" / "state.db"  # the directory does not exist yet either
-        go = tmp_path / f"go-{attempt}"
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", OPENER, str(db), str(go)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(8)
-        ]
-        try:
-            for proc in procs:
-                assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-            go.touch()  # every opener is past its imports: they all start now
-            outcomes = [(proc.communicate(timeout=60), proc.returncode) for proc in procs]
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        failures = [err for (_out, err), code in outcomes if code != 0]
+        failures = open_together(str(db), tmp_path / f"go-{attempt}", 8)
         assert failures == [], f"round {attempt}: {len(failures)} of 8 failed:\n{failures[0]}"
         assert schema(db) == expected, f"round {attempt}: the schema is not complete"
         conn = sqlite3.connect(db)

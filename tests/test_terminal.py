@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import free_port, get, pid_alive, wait_for
 
@@ -62,6 +63,20 @@ def terminal(tmp_path: Path) -> Iterator[Terminal]:
         yield term
     finally:
         subprocess.run(["tmux", "-L", server, "kill-server"], capture_output=True, timeout=10)
+
+        # Whatever ran on that terminal ends with it (a console that outlived it spun on a dead tty).
+        def ours() -> list[psutil.Process]:
+            found = []
+            for proc in psutil.process_iter(["cmdline"]):
+                if str(tmp_path) in " ".join(proc.info["cmdline"] or ()):
+                    found.append(proc)
+            return found
+
+        try:
+            wait_for(lambda: not ours(), 10, "every process of the terminal gone with it")
+        finally:
+            for proc in ours():
+                proc.kill()
 
 
 def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,5 @@
-"""The workers view: cluster totals, a request-rate sparkline, one row per worker, its last output."""
+"""The workers view: cluster totals (and the other primaries on the store), a request-rate sparkline, one row
+per worker, its last output."""
 
 from __future__ import annotations
 
@@ -118,6 +119,15 @@ class WorkersView(Vertical):
         line.append(f"  {snap.requests_per_second:.1f} req/s  p99 {snap.p99_ms:.1f} ms  ")
         line.append(f"err {snap.error_rate * 100:.1f}%", style="bold red" if snap.error_rate >= 0.01 else "")
         line.append(f"  CPU {snap.cpu_percent:.0f}%  RSS {size(snap.rss_bytes)}  gen {snap.generation}")
+        if len(snap.primaries) > 1:  # the fleet sharing this store: one line, every host with its workers
+            line.append(f"\n{len(snap.primaries)} primaries:", style="bold")
+            for index, primary in enumerate(snap.primaries):
+                line.append(" · " if index else " ", style="dim")
+                if primary.pid == snap.pid:
+                    line.append("◆", style="bold green")  # this one
+                line.append(primary.host, style="bold")
+                line.append(f"/{primary.pid}", style="dim")
+                line.append(f" {primary.workers_ready} ready")
         if snap.store_error:
             line.append(f"\n⚠ {snap.store_error}", style="bold red")
         self.query_one("#totals", Static).update(line)
