@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Cluster, Load, wait_for
+from conftest import Cluster, Load, get, wait_for
 from receiver import Answer, Receiver
 from test_jobs import assert_no_gap, read_lines, slot_time
 
@@ -311,3 +311,32 @@ def test_two_primaries_starting_together_on_an_empty_database_both_come_up(start
         assert conn.execute("SELECT version FROM clusterctl_schema").fetchall() == [(1,)]
     wait_for(lambda: len(both[0].status()["primaries"]) == 2, 15, "both primaries listed")
     stop_all(fleet)
+
+
+# ---------------------------------------------------------------------------- emit() from a worker
+
+
+def test_a_workers_emit_writes_to_the_shared_database(start_cluster, tmp_path, pg_url):
+    config_path = tmp_path / "emit.toml"
+    config_path.write_text(config(pg_url, hook="http://127.0.0.1:9/hook"))
+    cluster = start_cluster("--config", str(config_path), app="emit_app:app", workers=1, env=ENV)
+    status, body = get(cluster.port, "/emit?type=app.shared")
+    assert status == 200, body
+    event_id = json.loads(body)["ids"][0]
+    with psycopg.connect(pg_url) as conn:
+        kinds = conn.execute("SELECT type FROM webhook_events WHERE id = %s", (event_id,)).fetchall()
+        targets = conn.execute("SELECT endpoint FROM webhook_deliveries WHERE event_id = %s", (event_id,)).fetchall()
+    assert kinds == [("app.shared",)] and targets == [("rx",)]
+    assert not (cluster.db.parent / "state.db").exists() or event_id not in _sqlite_events(cluster.db)
+
+
+def _sqlite_events(db: Path) -> set[str]:
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        return {row[0] for row in conn.execute("SELECT id FROM webhook_events")}
+    except sqlite3.Error:
+        return set()
+    finally:
+        conn.close()
