@@ -107,10 +107,7 @@ async def _primary_with_console(settings: Settings, launcher: int) -> int:
 
     def terminal_gone() -> None:
         # The console's last writes (restoring the terminal) go nowhere rather than to a dead tty.
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
+        _redirect(os.open(os.devnull, os.O_WRONLY))
         app.outcome = DETACH
         app.exit(0)
 
@@ -146,7 +143,11 @@ def _leave_terminal(settings: Settings) -> None:
     """Stop using the terminal: stdin from /dev/null, stdout and stderr to logs/primary.log beside the store."""
     logs = settings.store.path.parent / "logs"
     logs.mkdir(mode=0o700, parents=True, exist_ok=True)
-    out = os.open(logs / "primary.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    _redirect(os.open(logs / "primary.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+
+
+def _redirect(out: int) -> None:
+    """stdin from /dev/null, stdout and stderr to `out` (which this closes): off the terminal."""
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(out, 1)

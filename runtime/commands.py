@@ -206,7 +206,7 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "reload",
-            "rolling restart; exits non-zero if it rolled back",
+            "re-read the config, then a rolling restart; exits non-zero if refused or rolled back",
             _reload,
             report=lambda r: (
                 f"reloaded: generation {r['generation']}" + (f" ({'; '.join(r['config'])})" if r.get("config") else "")

@@ -44,9 +44,6 @@ class RequestCounters:
         counts = self.by_status
         return [*counts[:5], sum(counts[5:])]
 
-    def as_message(self) -> dict[str, object]:
-        return {"c": self.by_class(), "h": self.histogram, "f": self.in_flight}
-
 
 def percentile(histogram: Sequence[int], fraction: float) -> float:
     """Latency in ms below which `fraction` of the counted requests fall (0.0 if none)."""
@@ -106,6 +103,10 @@ class WorkerStats:
             return 0.0
         span = last.at - base.at
         return (last.total - base.total) / span if span > 0 else 0.0
+
+    def cumulative_histogram(self) -> tuple[int, ...]:
+        """The worker's running latency counts since it started (its newest heartbeat's)."""
+        return self._samples[-1].histogram if self._samples else ()
 
     def window_histogram(self) -> list[int]:
         if not self._samples:

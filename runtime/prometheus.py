@@ -187,14 +187,14 @@ class MetricsExporter:
         for stats in self._live.keys() - live.keys():
             slot_id = self._live[stats]
             _add(self._retired_requests.setdefault(slot_id, [0] * len(STATUS_CLASSES)), stats.by_class)
-            _add(self._retired_latency, _cumulative_histogram(stats))
+            _add(self._retired_latency, stats.cumulative_histogram())
         self._live = live
 
         requests = {slot_id: list(counts) for slot_id, counts in self._retired_requests.items()}
         latency = list(self._retired_latency)
         for stats, slot_id in live.items():
             _add(requests.setdefault(slot_id, [0] * len(STATUS_CLASSES)), stats.by_class)
-            _add(latency, _cumulative_histogram(stats))
+            _add(latency, stats.cumulative_histogram())
         for row in cluster.workers:  # every slot's series exists from the start, at zero
             requests.setdefault(row.id, [0] * len(STATUS_CLASSES))
 
@@ -419,12 +419,6 @@ def _webhook_families(view: MetricsView) -> Iterator[Metric]:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _cumulative_histogram(stats: WorkerStats) -> Sequence[int]:
-    # WorkerStats keeps the worker's running totals only as its newest sample and has no accessor for them.
-    samples = stats._samples
-    return samples[-1].histogram if samples else ()
 
 
 def _add(into: list[int], counts: Sequence[int]) -> None:

@@ -112,7 +112,7 @@ def rows(db):
 
 def run_catch_up(tmp_path, catch_up: str, down_for: timedelta, paused: bool = False):
     db = tmp_path / "state.db"
-    store = Store(db)
+    store = Store(db, clock=NOW.timestamp)
     store.mark_slot("every-minute", to_iso(NOW - down_for))
     if paused:
         store.set_paused("every-minute", True)
@@ -166,7 +166,7 @@ def test_a_paused_job_catches_up_nothing(tmp_path):
 
 def test_a_slot_is_claimed_once_across_stores(tmp_path):
     db = tmp_path / "state.db"
-    first, second = Store(db), Store(db)
+    first, second = Store(db, clock=NOW.timestamp), Store(db, clock=NOW.timestamp)
     slot = to_iso(NOW)
     assert first.claim_slot("job", slot, "schedule", 1)[0] == "claimed"
     assert second.claim_slot("job", slot, "schedule", 2) == ("lost", None, [])
