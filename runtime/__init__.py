@@ -16,7 +16,7 @@ _EXPORTS = {
     "Event": "events",
     "EventBus": "events",
     "Primary": "primary",
-    "ReloadFailed": "supervisor",
+    "ReloadFailed": "errors",
     "ReloadSnapshot": "snapshot",
     "Settings": "config",
     "StartupError": "primary",
@@ -45,11 +45,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .config import ConfigError, Settings, load_settings
+    from .errors import ReloadFailed
     from .events import Event, EventBus
     from .outbox import EmitError, emit, emit_async
     from .primary import Primary, StartupError
     from .snapshot import ClusterSnapshot, ReloadSnapshot, WorkerSnapshot
-    from .supervisor import ReloadFailed
 
 
 def __getattr__(name: str) -> Any:

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import mmap
 import os
-import struct
 
 SLOTS = 1024  # worker processes at once, counting replacements during a rolling restart
 OFF = -1  # a slot with no accepting worker
-_HEADER = struct.Struct("i")  # the number of slots in use (high-water mark)
+_SIZE = 4 * (1 + SLOTS)  # int32s: the number of slots in use (high-water mark), then a count per slot
 SLACK = 1  # connections more than the least loaded that a worker may hold and still accept
 DEFER = 0.002  # seconds a worker steps aside before it looks again
 MAX_DEFER = 0.02  # ... and at most this long for any one connection
@@ -31,14 +30,17 @@ MAX_DEFER = 0.02  # ... and at most this long for any one connection
 class ConnectionBoard:
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._map = mmap.mmap(fd, _HEADER.size + 4 * SLOTS)
+        self._map = mmap.mmap(fd, _SIZE)
+        # The same memory as native ints: [high-water mark, slot 0, slot 1, ...], read on every accept.
+        self._ints = memoryview(self._map).cast("i")
 
     @classmethod
     def create(cls) -> ConnectionBoard:
         fd = os.memfd_create("clusterctl-connections", 0)  # inheritable only where passed on purpose
-        os.ftruncate(fd, _HEADER.size + 4 * SLOTS)
+        os.ftruncate(fd, _SIZE)
         board = cls(fd)
-        struct.pack_into(f"{SLOTS}i", board._map, _HEADER.size, *([OFF] * SLOTS))
+        for index in range(SLOTS):
+            board.set(index, OFF)
         return board
 
     def claim(self, used: set[int]) -> int:
@@ -46,22 +48,27 @@ class ConnectionBoard:
         index = next(i for i in range(SLOTS) if i not in used)
         self.set(index, OFF)
         if index + 1 > self.high_water:
-            _HEADER.pack_into(self._map, 0, index + 1)
+            self._ints[0] = index + 1
         return index
 
     @property
     def high_water(self) -> int:
-        return _HEADER.unpack_from(self._map, 0)[0]
+        return self._ints[0]
 
     def set(self, index: int, value: int) -> None:
-        struct.pack_into("i", self._map, _HEADER.size + 4 * index, value)
+        self._ints[index + 1] = value
 
     def should_defer(self, index: int, mine: int) -> bool:
         """True when another accepting worker holds fewer than `mine - SLACK` connections."""
-        counts = struct.unpack_from(f"{self.high_water}i", self._map, _HEADER.size)
-        least = min((c for i, c in enumerate(counts) if c != OFF and i != index), default=None)
-        return least is not None and mine > least + SLACK
+        ints = self._ints
+        below = mine - SLACK
+        for slot in range(1, ints[0] + 1):
+            count = ints[slot]
+            if 0 <= count < below and slot != index + 1:  # OFF is negative
+                return True
+        return False
 
     def close(self) -> None:
+        self._ints.release()
         self._map.close()
         os.close(self.fd)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .control import ControlError
-from .supervisor import ReloadFailed, ReloadInterrupted, ReloadRefused
+from .errors import ReloadFailed, ReloadInterrupted, ReloadRefused
 from .wire import encode
 
 if TYPE_CHECKING:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cron
 from .store import is_url, store_label
 
 DEMO_TARGET = "runtime.demo:app"
@@ -549,6 +548,8 @@ def _named_tables(label: str, key: str, raw: Any, known: set[str]) -> Iterator[t
 
 
 def _jobs(label: str, raw: Any) -> tuple[JobConfig, ...]:
+    from . import cron  # croniter costs a CLI command 14 ms: only a config with jobs pays it
+
     jobs: list[JobConfig] = []
     for s, name in _named_tables(label, "jobs", raw, _JOB):
         table = s.table

@@ -27,6 +27,7 @@ from .cli import version
 from .config import ConfigError, Settings
 from .control import ControlError, ControlServer, Feed, socket_path
 from .demo import with_demo_extras
+from .errors import BootError, ReloadInterrupted, ReloadRefused
 from .events import Event, EventBus
 from .listeners import BindError, Listener, bind, inherit
 from .logs import LogLine, WorkerLogs
@@ -36,7 +37,7 @@ from .prometheus import MetricsError, MetricsExporter
 from .scheduler import Scheduler
 from .snapshot import ClusterSnapshot, Delivery, JobRun, PrimaryRow
 from .store import STORE_ERRORS, AsyncStore, StoreError, open_store, utc_now_iso
-from .supervisor import BootError, ReloadInterrupted, ReloadRefused, Supervisor
+from .supervisor import Supervisor
 from .webhooks import WebhookRunner
 
 HOUSEKEEPING_INTERVAL = 1.0

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from .channel import EXIT_BOOT_ERROR, Heartbeat, describe_exit
 from .config import MAX_WORKERS, Settings
+from .errors import BootError, ReloadFailed
 from .events import EventBus
 from .listeners import Listener
 from .logs import WorkerLogs
@@ -43,22 +44,6 @@ TICK = 0.25  # seconds between checks for hung workers and expired back-offs
 KILL_GRACE = 2.0  # after SIGABRT (or the drain deadline, or a drain that is done), SIGKILL
 STALL = 1.0  # a tick this late means the primary itself was stalled (SIGSTOP, swap, a blocked loop)
 SAMPLE_INTERVAL = 1.0  # seconds between CPU/RSS samples
-
-
-class BootError(Exception):
-    """The first workers could not start (the app does not import, or dies at once)."""
-
-
-class ReloadFailed(Exception):
-    pass
-
-
-class ReloadInterrupted(ReloadFailed):
-    """The rolling restart was cut short because the cluster began to stop."""
-
-
-class ReloadRefused(ReloadFailed):
-    """The config file no longer validates: nothing changed, nothing restarted."""
 
 
 class Handle(Protocol):

@@ -5,7 +5,9 @@ socketpair) from the primary, imports the app (unless its fork server already
 has), and serves it with uvicorn's httptools protocol on a uvloop loop. It
 does its own accepting (`Acceptor`) so that stopping can never strand a
 connection that was accepted but not yet handed to the protocol (cpython
-#109564), and so that TCP_NODELAY is set on every accepted socket.
+#109564), and so that it can step aside for a less loaded worker (`runtime.balance`).
+uvloop sets TCP_NODELAY on every TCP transport it opens; `runtime.coalesce`
+sends a response's head and body in one write.
 
 The channel's messages are the typed ones of `runtime.channel`.
 """
@@ -60,6 +62,7 @@ from .channel import (
     encode,
     health_socket_name,
 )
+from .coalesce import CoalescingTransport
 from .metrics import RequestCounters
 
 _PR_SET_PDEATHSIG = 1
@@ -157,20 +160,26 @@ class WSGIAdapter:
 
 
 class MetricsMiddleware:
-    """Counts requests by status class, times them, and asks for `Connection: close` while draining.
+    """Every request's one wrapper: proxy headers, counters and timing, `Connection: close` while draining.
 
-    On every request's path: kept to one closure and no extra coroutine frame per message.
+    It runs on every request, so it is one coroutine frame and one closure per request: proxy
+    headers are applied inline (`Forwarded`) rather than by two more middleware layers.
     """
 
-    def __init__(self, app: Any, counters: RequestCounters, worker: Worker) -> None:
+    def __init__(self, app: Any, counters: RequestCounters, worker: Worker, forwarded: Forwarded | None = None) -> None:
         self.app = app
         self.counters = counters
         self.worker = worker
+        self.forwarded = forwarded
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
+            if self.forwarded is not None and scope["type"] == "websocket":
+                self.forwarded.apply(scope)
             await self.app(scope, receive, send)
             return
+        if self.forwarded is not None:
+            self.forwarded.apply(scope)
         counters = self.counters
         worker = self.worker
         status = 0
@@ -198,44 +207,50 @@ class MetricsMiddleware:
             counters.record(status, perf_counter() - started)
 
 
-# The peer of a unix socket, named for the proxy-headers check: a host no peer address can equal.
-_UNIX_PEER = ("unix:", 0)
+class Forwarded:
+    """X-Forwarded-For and -Proto from a trusted proxy, by uvicorn's rules, with a unix-socket peer trusted too.
 
-
-class ForwardedHeaders:
-    """uvicorn's X-Forwarded-For/-Proto handling, with the peer on a unix socket trusted as well.
-
-    uvicorn trusts a peer by its address, and a unix socket's peer has none (`scope["client"]` is
-    None), so behind nginx on a `unix:` bind it ignored the headers unless told to trust anyone
-    ("*"): the app saw http and no client. Only a process on this host that the socket file's mode
-    (`socket_mode`) lets in can connect there, the proxy, so it is trusted, as gunicorn trusts a
-    unix-socket peer. The hops it reports are still judged by `forwarded_allow_ips` from the right,
-    as uvicorn does, so a client cannot pick its own address through a proxy that appends to the header.
+    Which peers and hops are trusted is uvicorn's `forwarded_allow_ips` logic (its
+    `ProxyHeadersMiddleware.trusted_hosts`): a proxy's X-Forwarded-For is read from the right
+    and the first hop that is not itself trusted is the client, so a client cannot pick its own
+    address through a proxy that appends to the header. A unix socket's peer has no address
+    (`scope["client"]` is None) and uvicorn would ignore its headers unless told to trust anyone;
+    but only a process on this host that the socket file's mode (`socket_mode`) lets in can connect
+    there, the proxy, so it is trusted, as gunicorn trusts a unix-socket peer.
     """
 
-    def __init__(self, app: Any, trusted: list[str] | str) -> None:
+    SCHEMES = frozenset((b"http", b"https", b"ws", b"wss"))
+
+    def __init__(self, trusted: list[str] | str) -> None:
         hosts = [host.strip() for host in trusted.split(",")] if isinstance(trusted, str) else list(trusted)
-        self.app = app
-        self.tcp = ProxyHeadersMiddleware(app, hosts)
-        # With "*" uvicorn trusts every peer, addressless ones too.
-        trust_all = hosts == ["*"]
-        self.unix = None if trust_all else ProxyHeadersMiddleware(self._unmark, [*hosts, _UNIX_PEER[0]])
+        self.trusted = ProxyHeadersMiddleware(_nothing, hosts).trusted_hosts
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        server = scope.get("server")
-        # Addressless on a unix socket, whose local "address" is a path with no port. Not a TCP peer
-        # that reset before uvicorn read its address: that one has no address, but its server has a port.
-        if self.unix is not None and scope.get("client") is None and (server is None or server[1] is None):
-            if scope["type"] in ("http", "websocket"):
-                scope["client"] = _UNIX_PEER
-                await self.unix(scope, receive, send)
+    def apply(self, scope: dict[str, Any]) -> None:
+        client = scope.get("client")
+        if client is None:
+            # Addressless on a unix socket, whose local "address" is a path with no port. Not a TCP peer
+            # that reset before uvicorn read its address: that one has no address, but its server has a port.
+            server = scope.get("server")
+            if server is not None and server[1] is not None:
                 return
-        await self.tcp(scope, receive, send)
-
-    async def _unmark(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["client"] is _UNIX_PEER:  # no X-Forwarded-For: the app sees the unix peer as uvicorn shows it
-            scope["client"] = None
-        await self.app(scope, receive, send)
+        elif client[0] not in self.trusted:
+            return
+        proto = None
+        hops: list[bytes] = []
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-proto":
+                proto = value
+            elif name == b"x-forwarded-for":
+                hops.append(value)
+        if proto is not None:
+            proto = proto.strip()
+            if proto in self.SCHEMES:
+                scheme = proto.decode("latin1")
+                scope["scheme"] = scheme.replace("http", "ws") if scope["type"] == "websocket" else scheme
+        if hops:
+            host, port = self.trusted.get_trusted_client_address(b", ".join(hops).decode("latin1"))
+            if host:  # an empty header names no one: keep the peer
+                scope["client"] = (host, port)
 
 
 class Acceptor:
@@ -252,7 +267,7 @@ class Acceptor:
     def __init__(
         self,
         sockets: list[socket.socket],
-        factory: Any,
+        protocol: Callable[..., asyncio.Protocol],
         connections: Callable[[], int],
         board: ConnectionBoard | None = None,
         index: int = 0,
@@ -264,26 +279,13 @@ class Acceptor:
         self.index = index
         self.pending: set[asyncio.Task[Any]] = set()
         self.accepting = False
+        self.loop = asyncio.get_running_loop()  # looked up once: each lookup costs a getpid() system call
         self._deferred_since: float | None = None
         self._backoff = 0.0
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._failures = 0  # accepts failed since the last one that worked
         self._failing_since = 0.0
-
-        def guarded_factory() -> Any:
-            protocol = factory()
-            deadline = asyncio.get_running_loop().call_later(header_timeout, _close_if_no_request, protocol)
-            lost = protocol.connection_lost
-
-            def connection_lost(exc: Exception | None) -> None:
-                deadline.cancel()
-                lost(exc)
-                self.publish()
-
-            protocol.connection_lost = connection_lost
-            return protocol
-
-        self.factory = guarded_factory
+        self.factory = _guarded(protocol, self, header_timeout)
 
     def publish(self) -> None:
         if self.board is not None and self.accepting:
@@ -292,7 +294,7 @@ class Acceptor:
     def start(self) -> None:
         if self.accepting:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         for sock in self.sockets:
             sock.setblocking(False)
             loop.add_reader(sock.fileno(), self._accept, sock)
@@ -300,7 +302,7 @@ class Acceptor:
         self.publish()
 
     def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if self.board is not None and self._step_aside(loop.time()):
             loop.remove_reader(listener.fileno())
             loop.call_later(balance.DEFER, self._resume, listener)
@@ -320,8 +322,6 @@ class Acceptor:
             print(f"accepting again after {self._failures} failed accepts in {took:.1f}s", file=sys.stderr)
             self._failures = 0
             self._backoff = 0.0
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = loop.create_task(loop.connect_accepted_socket(self.factory, conn))
         self.pending.add(task)
         task.add_done_callback(self._connected)
@@ -349,7 +349,7 @@ class Acceptor:
     def _end_pause(self) -> None:
         self._backoff_timer = None
         if self.accepting:
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             for sock in self.sockets:
                 loop.add_reader(sock.fileno(), self._accept, sock)
 
@@ -369,7 +369,7 @@ class Acceptor:
 
     def _resume(self, listener: socket.socket) -> None:
         if self.accepting and self._backoff_timer is None:
-            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+            self.loop.add_reader(listener.fileno(), self._accept, listener)
 
     def _connected(self, task: asyncio.Task[Any]) -> None:
         self.pending.discard(task)
@@ -377,7 +377,7 @@ class Acceptor:
 
     async def stop(self) -> None:
         """Stop accepting; every connection already accepted is handed over before this returns."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if self.accepting:
             for sock in self.sockets:
                 loop.remove_reader(sock.fileno())
@@ -388,6 +388,29 @@ class Acceptor:
             sock.close()
         if self.pending:
             await asyncio.gather(*self.pending, return_exceptions=True)
+
+
+def _guarded(protocol: Callable[..., asyncio.Protocol], acceptor: Acceptor, header_timeout: float) -> Any:
+    """uvicorn's HTTP protocol (a class, or a partial of one) with what every accepted connection gets.
+
+    A header deadline, writes coalesced (`runtime.coalesce`), and the connection board kept
+    current when the connection ends. A subclass made once, not closures set on each protocol:
+    those would make every connection a reference cycle, left to the garbage collector.
+    """
+    base, kwargs = (protocol.func, protocol.keywords) if isinstance(protocol, functools.partial) else (protocol, {})
+    loop = acceptor.loop
+
+    class Guarded(base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self._header_deadline = loop.call_later(header_timeout, _close_if_no_request, self)
+            super().connection_made(CoalescingTransport(transport, loop))  # type: ignore[arg-type]
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._header_deadline.cancel()
+            super().connection_lost(exc)
+            acceptor.publish()
+
+    return functools.partial(Guarded, **kwargs)
 
 
 def _close_if_no_request(protocol: Any) -> None:
@@ -444,6 +467,11 @@ class Worker:
 
         if self.spec.access_log:
             _log_access_to_stdout()
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        if uvicorn_log.level == logging.NOTSET:
+            # As uvicorn's own command sets it. Unset, uvicorn's protocol takes it for TRACE and
+            # formats a "connection made/lost" record for every connection, only for it to be dropped.
+            uvicorn_log.setLevel(logging.INFO)
         config = uvicorn.Config(
             app=self.app,
             interface="asgi3",
@@ -452,13 +480,13 @@ class Worker:
             access_log=self.spec.access_log,
             log_config=None,
             timeout_keep_alive=self.spec.keepalive_timeout,
-            # Applied by ForwardedHeaders below, which also trusts the proxy on a unix: bind.
+            # Applied by our middleware (Forwarded), which also trusts the proxy on a unix: bind.
             proxy_headers=False,
             # None (the key not in the config) leaves uvicorn's default: FORWARDED_ALLOW_IPS, else loopback.
             forwarded_allow_ips=_allow_ips(self.spec.forwarded_allow_ips),
         )
         config.load()
-        config.loaded_app = ForwardedHeaders(config.loaded_app, config.forwarded_allow_ips)
+        self.app.forwarded = Forwarded(config.forwarded_allow_ips)
         self._spawn(self._date_header(config.encoded_headers))
         self.lifespan = config.lifespan_class(config)
         await self.lifespan.startup()

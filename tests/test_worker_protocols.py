@@ -216,3 +216,92 @@ def test_reload_to_an_app_that_breaks_its_listening_socket_rolls_back(start_clus
     assert "closed or replaced listening socket fd" in result.stderr
     assert [w["pid"] for w in cluster.wait_ready(1)] == [before]
     assert get(cluster.port)[0] == 200
+
+
+# ---------------------------------------------------------------- the write path (runtime.coalesce)
+
+
+def _worker_pid(cluster: Any) -> int:
+    return cluster.ready_workers()[0]["pid"]
+
+
+def test_a_small_response_leaves_the_worker_in_one_write(start_cluster):
+    """Head and body in one write(2): uvicorn writes them apart, and with TCP_NODELAY each is a packet."""
+    cluster = start_cluster(app="stream_app:app", workers=1)
+    worker = psutil.Process(_worker_pid(cluster))
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=5)
+    conn.request("GET", "/")
+    assert conn.getresponse().read() == b"ok"
+    requests = 2000
+    before = worker.io_counters().write_count
+    for _ in range(requests):
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"ok")
+    writes = worker.io_counters().write_count - before
+    conn.close()
+    # One per response, plus the heartbeats the worker sends the primary meanwhile.
+    assert writes < requests * 1.2, f"{writes} writes for {requests} responses"
+
+
+def test_a_body_sent_without_pausing_still_meets_back_pressure(start_cluster):
+    """Gathered writes are sent once 64 KiB are waiting, so a client that does not read holds the app up.
+
+    Without that, the worker would hold the whole 256 MiB body in memory until the loop next ran.
+    """
+    cluster = start_cluster(app="stream_app:app", workers=1)
+    worker = psutil.Process(_worker_pid(cluster))
+    baseline = worker.memory_info().rss
+    chunks = 256
+    with socket.create_connection(("127.0.0.1", cluster.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(f"GET /big?{chunks} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        peak = 0
+        deadline = time.monotonic() + 1.5  # the client reads nothing meanwhile
+        while time.monotonic() < deadline:
+            peak = max(peak, worker.memory_info().rss - baseline)
+            time.sleep(0.05)
+        assert peak < 64 * 1024 * 1024, f"the worker grew {peak >> 20} MiB with a client that reads nothing"
+        # Then every byte arrives, in order.
+        received = bytearray()
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        digest, count = hashlib.sha256(), 0
+        pending = body
+        while True:
+            # chunked: size line, data, CRLF; the last chunk has size 0
+            while b"\r\n" not in pending:
+                pending += sock.recv(1 << 20)
+            size_line, _, pending = pending.partition(b"\r\n")
+            size = int(size_line, 16)
+            while len(pending) < size + 2:
+                pending += sock.recv(1 << 20)
+            if size == 0:
+                break
+            digest.update(pending[:size])
+            count += size
+            pending = pending[size + 2 :]
+    expected = hashlib.sha256()
+    for index in range(chunks):
+        expected.update(bytes([index % 256]) * (1024 * 1024))
+    assert count == chunks * 1024 * 1024
+    assert digest.hexdigest() == expected.hexdigest()
+
+
+def test_a_streamed_chunk_is_sent_when_the_app_sends_it(start_cluster):
+    """Writes are gathered only until the loop next runs: a chunk is not held back for the next one."""
+    cluster = start_cluster(app="stream_app:app", workers=1)
+    with socket.create_connection(("127.0.0.1", cluster.port), timeout=10) as sock:
+        sock.sendall(b"GET /ticks HTTP/1.1\r\nHost: t\r\n\r\n")
+        started = time.monotonic()
+        received = b""
+        while b"tick" not in received:
+            received += sock.recv(4096)
+        first = time.monotonic() - started
+        while b"tock" not in received:
+            received += sock.recv(4096)
+        second = time.monotonic() - started
+    assert first < 0.5, f"the first chunk took {first:.2f}s"
+    assert second >= 0.9
