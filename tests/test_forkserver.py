@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -266,3 +268,34 @@ def test_preload_app_is_a_boolean_config_key(tmp_path):
     config.write_text('[server]\npreload_app = "yes"\n')
     with pytest.raises(ConfigError, match="preload_app"):
         load_settings(config, {}, tmp_path)
+
+
+CLONED_CHILD = """
+import os, signal, sys, threading
+from runtime.forkserver import fork_sibling
+
+heard = []
+signal.signal(signal.SIGUSR1, lambda *_: heard.append("signal"))
+if fork_sibling() == 0:
+    # glibc's own fork() did not run: what it would have set up for the child must not matter.
+    signal.raise_signal(signal.SIGUSR1)  # raise() finds this thread (its cached thread id is stale)
+    thread = threading.Thread(target=heard.append, args=("thread",))
+    thread.start()
+    thread.join(5)
+    print(os.getpid() != os.getppid() and heard == ["signal", "thread"], flush=True)
+    os._exit(0)
+"""
+
+
+def test_a_cloned_child_raises_signals_at_itself_and_starts_threads(tmp_path):
+    script = tmp_path / "cloned.py"
+    script.write_text(CLONED_CHILD)
+    # `; true` keeps sh from exec'ing python: the clone's parent is then sh, not this test process.
+    result = subprocess.run(
+        ["sh", "-c", f"{sys.executable} {script}; true"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert result.stdout.strip() == "True", result.stdout + result.stderr
