@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, Union
 
 SPEC_ENV = "CLUSTERCTL_WORKER_SPEC"  # a fresh interpreter's WorkerSpec, as JSON
+# The listen backlog of the shared sockets: the primary's listen(), systemd's socket unit, and a
+# worker's own server on a duplicate descriptor (whose listen() sets it again for the shared socket).
+BACKLOG = 2048
 EXIT_BOOT_ERROR = 3  # the app could not be loaded; retrying right away will not help
 EXIT_PRIMARY_GONE = 70
 

@@ -20,9 +20,8 @@ import socket
 import stat
 from typing import Protocol
 
+from .channel import BACKLOG
 from .config import ServerConfig, parse_bind
-
-BACKLOG = 2048
 
 
 class BindError(Exception):

@@ -29,9 +29,9 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .channel import BACKLOG
 from .config import ConfigError, Settings, parse_bind
 from .events import Event
-from .listeners import BACKLOG
 
 if TYPE_CHECKING:
     from .primary import Primary

@@ -23,6 +23,7 @@ import functools
 import importlib
 import inspect
 import logging
+import math
 import os
 import resource
 import signal
@@ -44,6 +45,7 @@ from uvicorn.server import ServerState
 from . import balance
 from .balance import ConnectionBoard
 from .channel import (
+    BACKLOG,
     EXIT_BOOT_ERROR,
     EXIT_PRIMARY_GONE,
     SPEC_ENV,
@@ -256,12 +258,19 @@ class Forwarded:
 class Acceptor:
     """Accepts on the inherited listening sockets and hands each connection to uvicorn's protocol.
 
-    One accept per readiness wake-up, and none while this worker holds more
-    connections than the least loaded one (see `runtime.balance`): every worker
-    woken on the shared socket gets a fair chance at the next connection.
-    Out of file descriptors, it stops accepting for a back-off instead of
-    spinning on the failure; and a connection gets `header_timeout` seconds to
-    send its request head.
+    While connections last (keep-alive clients, a proxy's pool), it accepts in
+    Python: one accept per readiness wake-up, and none while this worker holds
+    more connections than the least loaded one (see `runtime.balance`), so
+    every worker woken on the shared socket gets a fair chance at the next
+    connection. Out of file descriptors, it stops accepting for a back-off
+    instead of spinning on the failure.
+
+    While they do not (a new connection per request: `balance.CHURN`), where a
+    connection lands does not last, and each one costs the Python accept path
+    about a tenth of its whole CPU: uvloop's own server accepts instead, in C,
+    on a duplicate of the listening descriptor (closing it leaves the shared
+    socket open), until connections last again. Either way a connection gets
+    `header_timeout` seconds to send its request head.
     """
 
     def __init__(
@@ -281,15 +290,41 @@ class Acceptor:
         self.accepting = False
         self.loop = asyncio.get_running_loop()  # looked up once: each lookup costs a getpid() system call
         self._deferred_since: float | None = None
+        self.lifetime = math.inf  # running average of its connections' lifetimes, seconds (none closed yet)
+        self.closed = 0  # connections closed so far
+        # The listeners it is stepping aside on (not reading) for now, with the timer that ends that.
+        self._aside: dict[int, asyncio.TimerHandle] = {}
         self._backoff = 0.0
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._failures = 0  # accepts failed since the last one that worked
         self._failing_since = 0.0
         self.factory = _guarded(protocol, self, header_timeout)
+        self._accepted = {sock.fileno(): _accepted_sockets(sock) for sock in sockets}
+        # Listeners served by uvloop's own server for now (connections do not last): fd → its server,
+        # or the task still creating it.
+        self._native: dict[int, asyncio.Task[asyncio.AbstractServer]] = {}
 
     def publish(self) -> None:
         if self.board is not None and self.accepting:
-            self.board.set(self.index, self.connections() + len(self.pending))
+            # While it steps aside it is not accepting: nobody must step aside for it (otherwise
+            # workers wait for each other, each away while it is the least loaded).
+            self.board.set(self.index, balance.OFF if self._aside else self.connections() + len(self.pending))
+
+    def connection_ended(self, lifetime: float) -> None:
+        """One of its connections closed after `lifetime` seconds: it may now be the least loaded."""
+        self.closed += 1
+        if self.lifetime == math.inf:
+            self.lifetime = lifetime
+        else:
+            self.lifetime += (lifetime - self.lifetime) * balance.LIFETIME_WEIGHT
+        if self._native and self.lifetime >= balance.CHURN:
+            self._accept_in_python()
+        if self._aside:
+            for fd, timer in list(self._aside.items()):
+                timer.cancel()
+                self._resume(next(sock for sock in self.sockets if sock.fileno() == fd))
+        else:
+            self.publish()
 
     def start(self) -> None:
         if self.accepting:
@@ -303,12 +338,18 @@ class Acceptor:
 
     def _accept(self, listener: socket.socket) -> None:
         loop = self.loop
+        if self.lifetime < balance.CHURN and self.closed >= balance.CHURN_EVIDENCE:
+            self._accept_natively(listener)
+            return
         if self.board is not None and self._step_aside(loop.time()):
             loop.remove_reader(listener.fileno())
-            loop.call_later(balance.DEFER, self._resume, listener)
+            self._aside[listener.fileno()] = loop.call_later(balance.DEFER, self._resume, listener)
+            self.publish()
             return
         try:
-            conn, _ = listener.accept()
+            # socket.accept() asks the new socket's family and type back as enums, three times
+            # over with uvloop's questions: a tenth of the accept path. Known from the listener.
+            fd, _ = listener._accept()  # type: ignore[attr-defined]
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
@@ -322,10 +363,43 @@ class Acceptor:
             print(f"accepting again after {self._failures} failed accepts in {took:.1f}s", file=sys.stderr)
             self._failures = 0
             self._backoff = 0.0
-        task = loop.create_task(loop.connect_accepted_socket(self.factory, conn))
+        task = loop.create_task(loop.connect_accepted_socket(self.factory, self._accepted[listener.fileno()](fd)))
         self.pending.add(task)
         task.add_done_callback(self._connected)
         self.publish()
+
+    def _accept_natively(self, listener: socket.socket) -> None:
+        fd = listener.fileno()
+        try:
+            duplicate = listener.dup()
+        except OSError as exc:  # out of descriptors: the Python accept path has the back-off for that
+            self._back_off(self.loop, exc)
+            return
+        self.loop.remove_reader(fd)
+        if listener.family == socket.AF_UNIX:
+            server = self.loop.create_unix_server(self.factory, sock=duplicate, backlog=BACKLOG)
+        else:
+            server = self.loop.create_server(self.factory, sock=duplicate, backlog=BACKLOG)
+        creating = self._native[fd] = self.loop.create_task(server)
+
+        def started(task: asyncio.Task[asyncio.AbstractServer]) -> None:
+            error = "cancelled" if task.cancelled() else task.exception()
+            if error is not None and self._native.get(fd) is task:
+                del self._native[fd]  # it could not start: accept in Python, as before
+                print(f"accepting with uvloop's server failed: {error!r}", file=sys.stderr)
+                duplicate.close()
+                if self.accepting and self._backoff_timer is None:
+                    self.loop.add_reader(fd, self._accept, listener)
+
+        creating.add_done_callback(started)
+
+    def _accept_in_python(self) -> None:
+        for fd, creating in self._native.items():
+            _close_server(creating)
+            if self.accepting and self._backoff_timer is None:
+                listener = next(sock for sock in self.sockets if sock.fileno() == fd)
+                self.loop.add_reader(fd, self._accept, listener)
+        self._native.clear()
 
     def _back_off(self, loop: asyncio.AbstractEventLoop, exc: OSError) -> None:
         """Stop reading every listener (the shortage is the process's) for a pause that doubles up to the cap.
@@ -351,7 +425,8 @@ class Acceptor:
         if self.accepting:
             loop = self.loop
             for sock in self.sockets:
-                loop.add_reader(sock.fileno(), self._accept, sock)
+                if sock.fileno() not in self._native:
+                    loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _step_aside(self, now: float) -> bool:
         assert self.board is not None
@@ -368,8 +443,11 @@ class Acceptor:
         return False
 
     def _resume(self, listener: socket.socket) -> None:
-        if self.accepting and self._backoff_timer is None:
+        if self._aside.pop(listener.fileno(), None) is None:
+            return  # resumed already
+        if self.accepting and self._backoff_timer is None and listener.fileno() not in self._native:
             self.loop.add_reader(listener.fileno(), self._accept, listener)
+            self.publish()
 
     def _connected(self, task: asyncio.Task[Any]) -> None:
         self.pending.discard(task)
@@ -382,12 +460,39 @@ class Acceptor:
             for sock in self.sockets:
                 loop.remove_reader(sock.fileno())
         self.accepting = False
+        if self._native:
+            servers = list(self._native.values())
+            self._native.clear()
+            await asyncio.gather(*servers, return_exceptions=True)
+            for creating in servers:
+                _close_server(creating)
+            await asyncio.sleep(0)  # what uvloop accepted last meets its protocol (connection_made) now
         if self.board is not None:
             self.board.set(self.index, balance.OFF)
         for sock in self.sockets:
             sock.close()
         if self.pending:
             await asyncio.gather(*self.pending, return_exceptions=True)
+
+
+def _close_server(creating: asyncio.Task[asyncio.AbstractServer]) -> None:
+    """Close a server started on a duplicate listener (its duplicate with it), made or still being made."""
+    if not creating.done():
+        creating.add_done_callback(_close_server)
+    elif not creating.cancelled() and creating.exception() is None:
+        creating.result().close()
+
+
+def _accepted_sockets(listener: socket.socket) -> Callable[[int], socket.socket]:
+    """fd → a socket object for a connection accepted on `listener`, its family and type known, not asked."""
+    family, kind = listener.family, listener.type
+
+    class Accepted(socket.socket):
+        __slots__ = ()
+
+    Accepted.family = family  # type: ignore[misc, assignment]  # plain class attributes, not properties
+    Accepted.type = kind  # type: ignore[misc, assignment]
+    return functools.partial(Accepted, family, kind, 0)
 
 
 def _guarded(protocol: Callable[..., asyncio.Protocol], acceptor: Acceptor, header_timeout: float) -> Any:
@@ -402,13 +507,14 @@ def _guarded(protocol: Callable[..., asyncio.Protocol], acceptor: Acceptor, head
 
     class Guarded(base):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self._opened = loop.time()
             self._header_deadline = loop.call_later(header_timeout, _close_if_no_request, self)
             super().connection_made(CoalescingTransport(transport, loop))  # type: ignore[arg-type]
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._header_deadline.cancel()
             super().connection_lost(exc)
-            acceptor.publish()
+            acceptor.connection_ended(loop.time() - self._opened)
 
     return functools.partial(Guarded, **kwargs)
 

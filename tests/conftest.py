@@ -236,9 +236,12 @@ def start_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
 class Load:
     """Keep-alive clients hammering a port from threads; every failure is counted, none retried."""
 
-    def __init__(self, port: int, clients: int = 8, path: str = "/") -> None:
+    def __init__(self, port: int, clients: int = 8, path: str = "/", new_connection: bool = False) -> None:
         self.port = port
         self.path = path
+        self.new_connection = (
+            new_connection  # a connection per request (`Connection: close`), as from a proxy without keep-alive
+        )
         self.ok = 0
         self.failures: list[str] = []
         self.by_pid: dict[int, int] = {}
@@ -260,9 +263,11 @@ class Load:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         while not self._stop.is_set():
             try:
-                conn.request("GET", self.path)
+                conn.request("GET", self.path, headers={"Connection": "close"} if self.new_connection else {})
                 response = conn.getresponse()
                 body = response.read()
+                if self.new_connection:
+                    conn.close()
                 if response.status >= 500:
                     raise RuntimeError(f"HTTP {response.status}")
                 pid = json.loads(body).get("pid") if body.startswith(b"{") else None

@@ -5,9 +5,11 @@ Real primaries and workers on 127.0.0.1, as in test_cluster; every wait is a pol
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
+import os
 import random
 import socket
 import threading
@@ -305,3 +307,46 @@ def test_a_streamed_chunk_is_sent_when_the_app_sends_it(start_cluster):
         second = time.monotonic() - started
     assert first < 0.5, f"the first chunk took {first:.2f}s"
     assert second >= 0.9
+
+
+# ---------------------------------------------------------------- accepting (runtime.balance)
+
+
+def _listening_descriptors(pid: int, port: int) -> int:
+    """How many of the worker's descriptors are the shared listening socket (a duplicate counts too)."""
+    listening = [
+        c
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
+    target = os.readlink(f"/proc/{pid}/fd/{listening[0].fd}")  # socket:[inode]
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == target
+    return count
+
+
+def test_connections_that_do_not_last_are_accepted_by_uvloops_server_until_they_last_again(start_cluster):
+    """A connection per request: no stepping aside, and uvloop's server accepts (on a duplicate of the
+    listening socket). Lasting connections again: back to accepting in Python, with balance."""
+    cluster = start_cluster(app="stream_app:app", workers=1)
+    pid = _worker_pid(cluster)
+    assert _listening_descriptors(pid, cluster.port) == 1
+    for _ in range(50):
+        conn = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=5)
+        conn.request("GET", "/", headers={"Connection": "close"})
+        assert conn.getresponse().read() == b"ok"
+        conn.close()
+    wait_for(lambda: _listening_descriptors(pid, cluster.port) == 2, 5, "uvloop's server on a duplicate")
+    lasting = [http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=5) for _ in range(24)]
+    for conn in lasting:
+        conn.request("GET", "/")
+        assert conn.getresponse().read() == b"ok"
+    time.sleep(1.5)  # let them last (what is measured is their lifetime)
+    for conn in lasting:
+        conn.request("GET", "/")
+        assert conn.getresponse().read() == b"ok"
+        conn.close()
+    wait_for(lambda: _listening_descriptors(pid, cluster.port) == 1, 5, "accepting in Python again")
+    assert get(cluster.port)[1] == b"ok"

@@ -25,6 +25,21 @@ def test_rolling_restart_under_keepalive_load_drops_nothing(start_cluster):
     assert "cluster.reloaded" in cluster.output()
 
 
+def test_rolling_restart_under_a_connection_per_request_drops_nothing(start_cluster):
+    """Clients that open a connection per request: the workers accept with uvloop's own server (see
+    runtime.balance), and a drain must still hand over every connection it accepted."""
+    cluster = start_cluster(workers=3)
+    with Load(cluster.port, clients=16, new_connection=True) as load:
+        load.wait_requests(1000)
+        for generation in (2, 3):
+            result = cluster.cli("reload")
+            assert result.returncode == 0, result.stderr
+            assert f"generation {generation}" in result.stdout
+        load.wait_requests(1000)
+    assert load.failures == [], load.failures[:5]
+    assert {w["generation"] for w in cluster.wait_ready(3)} == {3}
+
+
 def test_sighup_rolls_the_cluster(start_cluster):
     cluster = start_cluster(workers=2)
     before = {w["pid"] for w in cluster.status()["workers"]}
