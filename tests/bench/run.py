@@ -1,25 +1,34 @@
 #!/usr/bin/env python3
-"""Benchmark clusterctl-tui against gunicorn and uvicorn on the bundled demo app: the one command.
+"""Benchmark clusterctl-tui against gunicorn and uvicorn on a plain ASGI app: the one command.
 
     python tests/bench/run.py [--quick] [--python PATH] [--servers ...] [--phases ...] [--json PATH] [--keep-logs]
 
-Every server runs `runtime.demo:app` on 127.0.0.1:<free port> with the same
-uvicorn flavour (httptools + uvloop) and keep-alive timeout (5 s). Three phases,
-in this order, then one table:
+Every server runs tests/bench/plain_app.py (`/`: 200 `ok`; `/slow`: the same after a
+fixed amount of hashing, ~2 ms; `x-pid` on every response) on 127.0.0.1:<free port>
+with the same uvicorn flavour (httptools + uvloop) and keep-alive timeout (5 s).
+Four phases, in this order, then one table:
 
-  throughput (2 workers, and 1): every server below is started once, then the
-  runs are interleaved in rounds (each round runs every cell once, in a shuffled
-  order) and medians reported with min-max, in requests/s and in the server's
-  CPU time per request; a run disturbed by other processes is run again:
-    d. requests/s, `wrk -t2 -c64` keep-alive, on `/` (trivial) and `/work` (~2 ms
-       CPU), at 2 workers for ours, gunicorn and uvicorn; our ratio to each peer;
+  throughput (2 workers, and 1): rounds, each running every cell once in a shuffled
+  order; a cell is one server and one path, on a FRESH server: start it, wait for an
+  idle machine (other processes under 10% for a second, at most 20 s), warm up 1 s,
+  measure 2 s, stop it. Medians with min-max, in requests/s and in the server's CPU
+  time per request; a run disturbed by other processes is run again:
+    d. requests/s, `wrk -t2 -c64` keep-alive, on `/` and `/slow`, at 2 workers for
+       ours, gunicorn and uvicorn; p99 latency on `/slow`; our ratio to each peer;
     e. one worker: ours `--workers 1` against one plain `uvicorn` process;
     f. the metrics middleware: one plain uvicorn process serving
        `MetricsMiddleware(runtime.demo:app)` (metrics_app.py) against the same
-       command serving the bare app; and middleware_micro.py, the app called
+       command serving the bare demo app; and middleware_micro.py, the app called
        in-process with and without it (no server, no network);
-    c. balance at 2 workers (as below).
-  cluster (4 workers, rep 1: ours, gunicorn, uvicorn; rep 2: ...):
+    c. balance at 2 workers (as below), on the `/` cells' servers of the first rounds.
+  restarts (fresh servers):
+    j. kill -9 of one worker until a fresh connection is served by its replacement,
+       at 2 workers (probes every 2 ms) and at 1 (one request waits in the backlog);
+    m. reload of 4 idle workers: ours `python -m runtime reload` end to end (with
+       `health_path = "/"`), the peers SIGHUP until every pid is new and one serves.
+  cluster (4 workers, rep 1: ours, gunicorn, uvicorn, ours with preload_app; rep 2: ...):
+    k. new connection per request: `wrk -t2 -c64 -H "Connection: close"` on `/`;
+    l. USS and PSS per worker right after k's load, and our fork server's USS;
     a. rolling restart under keep-alive load: `wrk -t2 -c64` on `/` for the whole
        window, 3 consecutive reloads in it; failed requests = wrk socket errors
        (connect/read/write/timeout) + non-2xx/3xx responses.
@@ -75,17 +84,25 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 BENCH_VENV = HERE / ".bench-venv"
 LUA_PIDS = HERE / "pid_counts.lua"
-APP = "runtime.demo:app"
+APP = "plain_app:app"  # tests/bench/plain_app.py: `/`, `/slow` (fixed CPU work), `/pid` (for pid_counts.lua)
+DEMO_APP = "runtime.demo:app"  # figure f only: what metrics_app.py and middleware_micro.py wrap
+METRICS_APP = "metrics_app:app"  # tests/bench/metrics_app.py: the demo app inside our MetricsMiddleware
 HOST = "127.0.0.1"
 WORKERS = 4
 VICTIM_AGE = 13.0  # s since spawn: ready 10 s or more, past our primary's crash-loop window (STABLE_AFTER)
 KEEPALIVE = 5  # seconds, the same for every server (ours defaults to 5, uvicorn 5, gunicorn 2)
 SERVERS = ("ours", "gunicorn", "uvicorn")
-PHASES = ("throughput", "cluster", "scripts")
+PHASES = ("throughput", "restarts", "cluster", "scripts")
 TPUT_WORKERS = 2  # the machine this was written for has 2 cores
-TPUT_PATHS = ("/", "/work")  # the demo's trivial endpoint and its ~2 ms CPU one
+TPUT_PATHS = ("/", "/slow")  # plain_app's trivial endpoint and its fixed ~2 ms of CPU
+BALANCE_PATH = "/pid"  # plain_app answers {"pid": N} here, what pid_counts.lua reads
 DISTURBED_PCT = 10.0  # % of the machine other processes may use during a throughput run before it is run again
-METRICS_APP = "metrics_app:app"  # tests/bench/metrics_app.py: the demo app inside our MetricsMiddleware
+IDLE_PCT = 10.0  # before a cell: wait until other processes used less than this % of the machine for 1 s ...
+IDLE_WAIT = 20.0  # ... but no longer than this, in seconds
+# Figure j's cells, (server, workers): no uvicorn at 1, since `uvicorn --workers 1` does not supervise its worker.
+KILL_CELLS = (("ours", 2), ("ours", 1), ("gunicorn", 2), ("gunicorn", 1), ("uvicorn", 2))
+RELOAD_HEALTH_PATH = "/"  # ours in figure m: each new worker is health-checked before it accepts
+MIB = 1024 * 1024
 NEEDED_IN_ENV = ("runtime", "gunicorn", "uvicorn_worker", "uvicorn", "uvloop", "httptools", "psutil")
 
 
@@ -177,7 +194,10 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) 
 
 
 def get_pid(port: int, timeout: float = 2.0) -> int:
-    """One request on a fresh connection; the pid of the worker that served it."""
+    """One request on a fresh connection; the pid of the worker that served it.
+
+    plain_app says it in an `x-pid` header; the demo app (figure f's cells) in its JSON body.
+    """
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
         conn.request("GET", "/")
@@ -185,7 +205,8 @@ def get_pid(port: int, timeout: float = 2.0) -> int:
         body = response.read()
         if response.status != 200:
             raise ValueError(f"status {response.status}")
-        return int(json.loads(body)["pid"])
+        header = response.getheader("x-pid")
+        return int(header) if header else int(json.loads(body)["pid"])
     finally:
         conn.close()
 
@@ -202,6 +223,8 @@ WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 WRK_TOTAL = re.compile(r"(\d+) requests in ([\d.]+)(\w+),")
 WRK_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
 WRK_PID = re.compile(r"^BENCH_PID (\d+) (\d+)$", re.M)
+WRK_P99 = re.compile(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", re.M)  # in the `--latency` distribution
+WRK_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
 @dataclass
@@ -213,6 +236,7 @@ class WrkResult:
     write: int = 0
     timeout: int = 0
     non2xx: int = 0
+    p99_ms: float | None = None
     per_pid: dict[int, int] = field(default_factory=dict)
     output: str = ""
 
@@ -241,6 +265,8 @@ def parse_wrk(text: str) -> WrkResult:
         result.requests = int(m.group(1))
     if m := WRK_RPS.search(text):
         result.rps = float(m.group(1))
+    if m := WRK_P99.search(text):
+        result.p99_ms = float(m.group(1)) * WRK_UNIT_MS[m.group(2)]
     result.per_pid = {int(pid): int(n) for pid, n in WRK_PID.findall(text)}
     return result
 
@@ -250,12 +276,16 @@ class Wrk:
 
     `stop()` ends a run early with SIGINT, on which wrk still prints its full report
     for the time it ran: the reload scenario sizes its window to the reloads.
+    `close=True` sends `Connection: close`: a new connection for every request.
     """
 
     def __init__(
-        self, port: int, duration: float, script: Path | None = None, out: Path | None = None, path: str = "/"
-    ) -> None:
+        self, port: int, duration: float, script: Path | None = None, out: Path | None = None, path: str = "/",
+        close: bool = False,
+    ) -> None:  # fmt: skip
         args = ["wrk", "-t2", "-c64", f"-d{max(1, round(duration))}s", "--latency"]
+        if close:
+            args += ["-H", "Connection: close"]
         if script is not None:
             args += ["-s", str(script)]
         args.append(f"http://{HOST}:{port}{path}")
@@ -288,15 +318,16 @@ class Wrk:
 class Server:
     name = "?"
 
-    def __init__(self, python: str, workdir: Path, workers: int = WORKERS) -> None:
+    def __init__(self, python: str, workdir: Path, workers: int = WORKERS, app: str = APP) -> None:
         self.python = python
         self.workdir = workdir
         self.workers = workers
+        self.app = app
         self.port = free_port()
         self.stderr_path = workdir / f"{self.name}.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.env = {**os.environ, "BENCH_OWNER": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
-        self.env.pop("PYTHONPATH", None)
+        # tests/bench on the path of every server: plain_app, metrics_app, peer_worker
+        self.env = {**os.environ, "BENCH_OWNER": str(os.getpid()), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(HERE)}
 
     # the differences between the servers
     def command(self) -> list[str]:
@@ -324,8 +355,18 @@ class Server:
         """One rolling restart, returning when it is done."""
         raise NotImplementedError
 
+    def helper_pids(self) -> set[int]:
+        """Processes of the server's own that are neither the top process nor a worker (ours: the fork server)."""
+        return set()
+
     # shared
-    def start(self) -> None:
+    def start(self, settle: float = 1.0) -> None:
+        """Start the server and wait until every worker is there and one request is answered.
+
+        `settle`: then wait this long, so that every worker has imported the app and is
+        accepting (a few fresh connections reach them). A caller that waits anyway (the
+        idle check) passes 0.
+        """
         with self.stderr_path.open("ab") as stderr:
             self.proc = OWNED.popen(
                 self.command(), cwd=self.workdir, env=self.env, stdout=subprocess.DEVNULL, stderr=stderr
@@ -333,8 +374,7 @@ class Server:
         try:
             wait_for(lambda: self._exited_early() or self.is_up(), 60, f"{self.name} up", interval=0.1)
             self._exited_early()
-            # Every worker has imported the app and is accepting: a few fresh connections reach them.
-            time.sleep(1.0)
+            time.sleep(settle)
         except BaseException:
             self.stop()
             raise
@@ -369,28 +409,69 @@ class Server:
         assert self.proc is not None
         OWNED.remember_children(self.proc)
 
+    def memory(self) -> dict[str, Any]:
+        """USS and PSS (psutil's memory_full_info) of each worker and helper process, and the workers' medians."""
+        workers = _memory_of(self.worker_pids())
+        return {
+            "workers": workers,
+            "helpers": _memory_of(self.helper_pids()),
+            "uss": median([w["uss"] for w in workers]),
+            "pss": median([w["pss"] for w in workers]),
+        }
+
+
+def _memory_of(pids: set[int]) -> list[dict[str, int]]:
+    """USS (pages only this process maps), PSS (its share of all it maps) and RSS of each process, in bytes."""
+    rows = []
+    for pid in sorted(pids):
+        with contextlib.suppress(psutil.Error):
+            info = psutil.Process(pid).memory_full_info()
+            rows.append({"pid": pid, "uss": info.uss, "pss": info.pss, "rss": info.rss})
+    return rows
+
 
 class Ours(Server):
     name = "ours"
 
-    def __init__(self, python: str, workdir: Path, workers: int = WORKERS) -> None:
-        super().__init__(python, workdir, workers)
+    def __init__(
+        self, python: str, workdir: Path, workers: int = WORKERS, app: str = APP, preload: bool = False,
+        health_path: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(python, workdir, workers, app)
         self.db = workdir / "state.db"
+        self.preload = preload
+        self.health_path = health_path
         script = Path(python).parent / "clusterctl-tui"
         self.cli = [str(script)] if script.exists() else [python, "-m", "runtime"]
 
-    def start(self) -> None:
-        # A config file in the working directory: with none, `--app runtime.demo:app` also
-        # switches on the demo's extras (a job every minute, a webhook to itself on every
-        # cluster event), work the peers would not be doing. Values as the peers get them.
-        (self.workdir / "clusterctl.toml").write_text(
-            f"# written by tests/bench/run.py\n[server]\nkeepalive_timeout = {KEEPALIVE}\ngraceful_timeout = 30\n"
-        )
-        super().start()
+    def start(self, settle: float = 1.0) -> None:
+        # A config file in the working directory, with the values the peers get, plus what a
+        # figure asks for (preload_app for l, health_path for m). With none, the bundled demo
+        # app would also switch on its extras (a job every minute, a webhook to itself on
+        # every cluster event), work the peers would not be doing.
+        config = f"# written by tests/bench/run.py\n[server]\nkeepalive_timeout = {KEEPALIVE}\ngraceful_timeout = 30\n"
+        if self.preload:
+            config += "preload_app = true\n"
+        if self.health_path:
+            config += f"health_path = {json.dumps(self.health_path)}\n"
+        (self.workdir / "clusterctl.toml").write_text(config)
+        super().start(settle)
 
     def command(self) -> list[str]:
-        return [self.python, "-m", "runtime", "up", "--headless", "--app", APP, "--bind", f"{HOST}:{self.port}",
+        return [self.python, "-m", "runtime", "up", "--headless", "--app", self.app, "--bind", f"{HOST}:{self.port}",
                 "--workers", str(self.workers), "--db", str(self.db)]  # fmt: skip
+
+    def helper_pids(self) -> set[int]:
+        """The fork server: a child of the primary that is not a worker slot."""
+        assert self.proc is not None
+        workers = {w["pid"] for w in self.status()["workers"] if w["pid"]}
+        found = set()
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.proc.pid).children():
+                with contextlib.suppress(psutil.Error):
+                    if child.pid not in workers and "runtime.forkserver" in child.cmdline():
+                        found.add(child.pid)
+        return found
 
     def is_up(self) -> bool:
         ready = [w for w in self.status()["workers"] if w["state"] == "ready"]
@@ -452,13 +533,10 @@ class Ours(Server):
 class Gunicorn(Server):
     name = "gunicorn"
 
-    def __init__(self, python: str, workdir: Path, workers: int = WORKERS) -> None:
-        super().__init__(python, workdir, workers)
-        self.env["PYTHONPATH"] = str(HERE)  # for peer_worker.HttptoolsUvloopWorker
-
     def command(self) -> list[str]:
         return [self.python, "-m", "gunicorn", "-k", "peer_worker.HttptoolsUvloopWorker", "-w", str(self.workers),
-                "-b", f"{HOST}:{self.port}", "--keep-alive", str(KEEPALIVE), "--graceful-timeout", "30", APP]  # fmt: skip
+                "-b", f"{HOST}:{self.port}", "--keep-alive", str(KEEPALIVE), "--graceful-timeout", "30",
+                self.app]  # fmt: skip
 
     def reload(self) -> None:
         old = self.worker_pids()
@@ -471,7 +549,7 @@ class Uvicorn(Server):
     name = "uvicorn"
 
     def command(self) -> list[str]:
-        return [self.python, "-m", "uvicorn", APP, "--host", HOST, "--port", str(self.port),
+        return [self.python, "-m", "uvicorn", self.app, "--host", HOST, "--port", str(self.port),
                 "--workers", str(self.workers), "--http", "httptools", "--loop", "uvloop",
                 "--timeout-keep-alive", str(KEEPALIVE), "--no-access-log"]  # fmt: skip
 
@@ -486,10 +564,9 @@ class UvicornSingle(Server):
     """One plain uvicorn process, no `--workers`: it binds, accepts and serves by itself."""
 
     name = "uvicorn-single"
-    app = APP
 
-    def __init__(self, python: str, workdir: Path, workers: int = 1) -> None:
-        super().__init__(python, workdir, 1)
+    def __init__(self, python: str, workdir: Path, workers: int = 1, app: str = APP) -> None:
+        super().__init__(python, workdir, 1, app)
 
     def command(self) -> list[str]:
         return [self.python, "-m", "uvicorn", self.app, "--host", HOST, "--port", str(self.port),
@@ -498,17 +575,6 @@ class UvicornSingle(Server):
 
     def worker_pids(self) -> set[int]:
         return set() if self.proc is None or self.proc.poll() is not None else {self.proc.pid}
-
-
-class UvicornMetrics(UvicornSingle):
-    """The same command serving `MetricsMiddleware(runtime.demo:app)` (tests/bench/metrics_app.py)."""
-
-    name = "uvicorn-single-metrics"
-    app = METRICS_APP
-
-    def __init__(self, python: str, workdir: Path, workers: int = 1) -> None:
-        super().__init__(python, workdir)
-        self.env["PYTHONPATH"] = str(HERE)  # for metrics_app
 
 
 SERVER_CLASSES = {"ours": Ours, "gunicorn": Gunicorn, "uvicorn": Uvicorn}
@@ -580,15 +646,7 @@ def _one_kill(server: Server, min_age: float) -> dict[str, Any]:
         before = {w["pid"] for w in workers}
     else:
         before = server.worker_pids()
-    born = {}
-    for pid in before:
-        with contextlib.suppress(psutil.Error):
-            born[pid] = psutil.Process(pid).create_time()
-    victim = min(born, key=born.__getitem__)
-    age = time.time() - born[victim]
-    if age < min_age:
-        time.sleep(min_age - age)
-        age = min_age
+    victim, age = _oldest(before, min_age)
     slot = None
     if isinstance(server, Ours):
         slot = next(w["id"] for w in server.status()["workers"] if w["pid"] == victim)
@@ -635,11 +693,25 @@ def _one_kill(server: Server, min_age: float) -> dict[str, Any]:
     return {"victim": victim, "victim_age_s": round(age, 1), **found}
 
 
+def _oldest(pids: set[int], min_age: float) -> tuple[int, float]:
+    """The oldest of `pids` and its age in seconds, once it is at least `min_age` old (sleeping until then)."""
+    born = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            born[pid] = psutil.Process(pid).create_time()
+    victim = min(born, key=born.__getitem__)
+    age = time.time() - born[victim]
+    if age < min_age:
+        time.sleep(min_age - age)
+        age = min_age
+    return victim, age
+
+
 def scenario_balance(server: Server, duration: float, out: Path) -> dict[str, Any]:
     """(c) wrk -t2 -c64 keep-alive load; requests per worker, max/min."""
     before_pids = server.worker_pids()
     before = _ours_counts(server) if isinstance(server, Ours) else {}
-    result = Wrk(server.port, duration, script=LUA_PIDS, out=out).finish()
+    result = Wrk(server.port, duration, script=LUA_PIDS, out=out, path=BALANCE_PATH).finish()
     report: dict[str, Any] = {"rps": result.rps, "requests": result.requests, "failed": result.failed}
     lua = {pid: result.per_pid.get(pid, 0) for pid in before_pids}
     extra = {pid: n for pid, n in result.per_pid.items() if pid not in before_pids}
@@ -671,6 +743,145 @@ def _ratio(counts: list[int]) -> float | None:
         return None
     low = min(counts)
     return float("inf") if low == 0 else max(counts) / low
+
+
+def scenario_newconn(server: Server, seconds: float, out: Path) -> dict[str, Any]:
+    """(k) `wrk -t2 -c64 -H "Connection: close"` on `/`: a new connection for every request.
+
+    After an idle check and 1 s of the same load as a warm-up. Also the server's CPU per
+    request, and what other processes used, as in the throughput phase (CpuShare).
+    """
+    idle = wait_idle()
+    Wrk(server.port, 1, close=True).finish()
+    cpu = CpuShare(server)
+    result = Wrk(server.port, seconds, out=out, close=True).finish()
+    share = cpu.stop()
+    cpu_us = round(1e6 * share["server_cpu_s"] / result.requests, 1) if result.requests else None
+    return {"rps": result.rps, "requests": result.requests, "failed": result.failed, "connect": result.connect,
+            "read": result.read, "write": result.write, "timeout": result.timeout, "non2xx": result.non2xx,
+            "cpu_us": cpu_us, **share, **idle}  # fmt: skip
+
+
+def kill_to_serving(server: Server, min_age: float) -> dict[str, Any]:
+    """(j) SIGKILL the oldest worker; time until a request on a fresh connection is answered by a new pid.
+
+    Fresh connections every 2 ms, each waiting up to 10 s for its answer. With 2 workers
+    the survivor answers them until the replacement takes one; with 1 worker the first
+    request sent after the kill waits in the listen backlog (the socket belongs to the
+    primary or master) until the replacement accepts and answers it. Ours waits for a
+    victim `min_age` old, as in `_one_kill`.
+    """
+    wait_for(server.is_up, 60, f"{server.name} back to {server.workers} workers")
+    time.sleep(0.3)  # pacing: the last replacement has settled
+    before = server.worker_pids()
+    victim, age = _oldest(before, min_age)
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.perf_counter()
+    probes, serving, new_pid = 0, None, None
+    deadline = time.monotonic() + 30
+    while serving is None and time.monotonic() < deadline:
+        probes += 1
+        with contextlib.suppress(OSError, ValueError, KeyError, http.client.HTTPException):
+            pid = get_pid(server.port, timeout=10)
+            if pid not in before:
+                serving, new_pid = time.perf_counter() - t0, pid
+                break
+        time.sleep(0.002)
+    assert server.proc is not None
+    OWNED.remember_children(server.proc)
+    return {"victim": victim, "victim_age_s": round(age, 1), "serving": serving, "new_pid": new_pid,
+            "probes": probes}  # fmt: skip
+
+
+def timed_reload(server: Server) -> float:
+    """(m) One reload of an idle server, in seconds, as an operator would see it end.
+
+    ours: `python -m runtime reload --db <db>` as a subprocess, start to exit (it returns
+    when the rolling restart is done). Peers: SIGHUP to the master, until every worker pid
+    is new and a request on a fresh connection is answered by a new pid (10 ms polls).
+    """
+    assert server.proc is not None
+    if isinstance(server, Ours):
+        t0 = time.perf_counter()
+        result = subprocess.run(
+            [server.python, "-m", "runtime", "reload", "--db", str(server.db)],
+            cwd=server.workdir, env=server.env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        took = time.perf_counter() - t0
+        if result.returncode != 0:
+            raise RuntimeError(f"reload exited {result.returncode}: {result.stderr.strip()}")
+    else:
+        old = server.worker_pids()
+
+        def done() -> bool:
+            pids = server.worker_pids()
+            return len(pids) == server.workers and not (pids & old) and get_pid(server.port) not in old
+
+        t0 = time.perf_counter()
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(done, 90, f"{server.name}: a new set of {server.workers} workers serving", interval=0.01)
+        took = time.perf_counter() - t0
+    OWNED.remember_children(server.proc)
+    return took
+
+
+# ---------------------------------------------------------------- restarts phase (j, m)
+
+
+def phase_restarts(python: str, workdir: Path, names: list[str], kills: int, reloads: int) -> dict[str, Any]:
+    """j and m, each cell on a fresh server, all of them started side by side, then rounds.
+
+    j's cells are KILL_CELLS; m's are ours, gunicorn and uvicorn at 4 workers (ours with
+    `[server] health_path = "/"`: each new worker is asked for `/` over its private socket
+    before it accepts). Round r kills one worker of every j server (r < `kills`) and
+    reloads every m server once (r < `reloads`), all in a shuffled order. Ours waits for a
+    victim VICTIM_AGE s old, so a round takes about that long (at 1 worker the victim is
+    the last round's replacement): the other steps fill that wait. The servers not being
+    measured are idle and cost next to nothing.
+    """
+    servers: dict[str, Server] = {}
+    for name, workers in KILL_CELLS:
+        if name in names:
+            rundir = workdir / f"kill-{name}-{workers}"
+            rundir.mkdir()
+            servers[f"{name}-{workers}"] = SERVER_CLASSES[name](python, rundir, workers)
+    for name in names:
+        rundir = workdir / f"reload-idle-{name}"
+        rundir.mkdir()
+        if name == "ours":
+            servers[f"reload-{name}"] = Ours(python, rundir, WORKERS, health_path=RELOAD_HEALTH_PATH)
+        else:
+            servers[f"reload-{name}"] = SERVER_CLASSES[name](python, rundir, WORKERS)
+    samples: dict[str, list[dict[str, Any]]] = {key: [] for key in servers if not key.startswith("reload-")}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    rounds = max(kills, reloads)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(servers))) as pool:
+            for future in [pool.submit(server.start) for server in servers.values()]:
+                future.result()
+        for rnd in range(rounds):
+            steps = [key for key in samples if rnd < kills] + [f"reload-{n}" for n in names if rnd < reloads]
+            random.Random(rnd).shuffle(steps)
+            for key in steps:
+                server = servers[key]
+                if key.startswith("reload-"):
+                    wait_for(server.is_up, 60, f"{server.name} back to {server.workers} workers")
+                    time.sleep(0.5)  # pacing: the old generation gone
+                    took = timed_reload(server)
+                    times[server.name].append(took)
+                    print(f"[restarts {rnd + 1}/{rounds}] {server.name:10} m. reload of {WORKERS} idle workers: "
+                          f"{took:.2f} s", flush=True)  # fmt: skip
+                    continue
+                sample = kill_to_serving(server, VICTIM_AGE if isinstance(server, Ours) else 0.0)
+                samples[key].append(sample)
+                print(f"[restarts {rnd + 1}/{rounds}] {key:10} j. kill -9 {sample['victim']} (age "
+                      f"{sample['victim_age_s']} s) → a fresh connection served by {sample['new_pid']} after "
+                      f"{fmt(sample['serving'] and 1000 * sample['serving'], ' ms', 1)} ({sample['probes']} probes)",
+                      flush=True)  # fmt: skip
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {"kill": samples, "reload_idle": times}
 
 
 # ---------------------------------------------------------------- throughput phase (d, e, f; c at 2 workers)
@@ -728,59 +939,101 @@ class CpuShare:
         }
 
 
-def throughput_servers(python: str, workdir: Path, names: list[str]) -> dict[str, Server]:
-    """The servers of the throughput phase, by key: ours/gunicorn/uvicorn at 2 workers, and the 1-process ones."""
-    plan: list[tuple[str, type[Server], int]] = [(n, SERVER_CLASSES[n], TPUT_WORKERS) for n in names]
+def _own_cpu() -> float:
+    """CPU seconds used so far by this script, its reaped children, and every live process it started (trees)."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    me = psutil.Process().cpu_times()
+    with OWNED.lock:
+        roots = [proc.pid for proc in OWNED.procs if proc.poll() is None]
+    return kids.ru_utime + kids.ru_stime + me.user + me.system + sum(_tree_cpu(pid)[0] for pid in roots)
+
+
+def _busy() -> float:
+    """The machine's user + nice + system CPU seconds so far (all cores; interrupts left out, as in CpuShare)."""
+    times = psutil.cpu_times()
+    return times.user + times.nice + times.system
+
+
+def wait_idle(limit: float = IDLE_WAIT) -> dict[str, float]:
+    """Before a cell: wait until processes not started here used < IDLE_PCT of the machine over the last second.
+
+    Samples one second at a time, for at most `limit` seconds. Returns how long it waited
+    beyond the first second, and what others used in the last second sampled (which is
+    above IDLE_PCT only if the limit ran out).
+    """
+    capacity = os.cpu_count() or 1
+    started = last = time.monotonic()
+    busy, own = _busy(), _own_cpu()
+    while True:
+        time.sleep(1.0)
+        now, busy1, own1 = time.monotonic(), _busy(), _own_cpu()
+        others = round(100 * max(0.0, (busy1 - busy) - (own1 - own)) / (capacity * (now - last)), 1)
+        if others < IDLE_PCT or now - started >= limit:
+            return {"idle_waited_s": round(now - started - 1.0, 1), "idle_others_pct": others}
+        last, busy, own = now, busy1, own1
+
+
+def throughput_plan(names: list[str]) -> dict[str, tuple[type[Server], int, str]]:
+    """The servers of the throughput phase, by key: (class, workers, app).
+
+    ours/gunicorn/uvicorn at 2 workers and ours at 1, all on plain_app; one plain uvicorn
+    process on plain_app (e), and on the demo app bare and inside our middleware (f).
+    """
+    plan: dict[str, tuple[type[Server], int, str]] = {n: (SERVER_CLASSES[n], TPUT_WORKERS, APP) for n in names}
     if "ours" in names:
-        plan.append(("ours-1", Ours, 1))
+        plan["ours-1"] = (Ours, 1, APP)
     if "uvicorn" in names:
-        plan += [("uvicorn-single", UvicornSingle, 1), ("uvicorn-single-metrics", UvicornMetrics, 1)]
-    servers = {}
-    for key, cls, workers in plan:
-        rundir = workdir / f"tput-{key}"
-        rundir.mkdir()
-        servers[key] = cls(python, rundir, workers)
-    return servers
+        plan["uvicorn-single"] = (UvicornSingle, 1, APP)
+        plan["uvicorn-single-demo"] = (UvicornSingle, 1, DEMO_APP)
+        plan["uvicorn-single-metrics"] = (UvicornSingle, 1, METRICS_APP)
+    return plan
 
 
 def phase_throughput(
     python: str, workdir: Path, names: list[str], rounds: int, seconds: float, balance_runs: int,
     balance_seconds: float, retries: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """d, e, f and c at 2 workers. Every server stays up for the whole phase; runs interleave in rounds.
+    """d, e, f and c at 2 workers: rounds of cells, each cell on a fresh server.
 
-    A run during which other processes used more than DISTURBED_PCT of the machine is run
-    again right away (at most twice, and at most `retries` times in the phase); the least
-    disturbed attempt is kept.
+    A cell is one server and one path. Each round runs every cell once, in a shuffled
+    order: start the server, wait for an idle machine (wait_idle), warm up for 1 s on the
+    cell's path, measure, stop the server; no cell inherits another's state. A run during
+    which other processes used more than DISTURBED_PCT of the machine is run again right
+    away on the same server (at most twice, and at most `retries` times in the phase); the
+    least disturbed attempt is kept. In the first `balance_runs` rounds, a 2-worker `/`
+    cell's server also gives one balance run (c) after its measurement.
     """
     micro = middleware_micro(python, workdir) if "uvicorn" in names else None
-    servers = throughput_servers(python, workdir, names)
+    plan = throughput_plan(names)
     cells = [(key, path) for key in names for path in TPUT_PATHS]
-    cells += [(key, "/") for key in ("ours-1", "uvicorn-single", "uvicorn-single-metrics") if key in servers]
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {key: {p: [] for p in TPUT_PATHS} for key in servers}
+    cells += [(key, "/") for key in plan if key not in names]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {key: {p: [] for p in TPUT_PATHS} for key in plan}
     balance: dict[str, list[dict[str, Any]]] = {key: [] for key in names}
     attempts_all: list[dict[str, Any]] = []
-    try:
-        # Started side by side (imports overlap); idle servers cost next to nothing while another is measured.
-        with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
-            for future in [pool.submit(server.start) for server in servers.values()]:
-                future.result()
-        for server in servers.values():  # warm-up: connections, allocator, caches
-            Wrk(server.port, 1).finish()
-        for rnd in range(rounds):
-            order = list(cells)
-            random.Random(rnd).shuffle(order)  # no server always runs right after the same one
-            for key, path in order:
-                server = servers[key]
+    for rnd in range(rounds):
+        order = list(cells)
+        random.Random(rnd).shuffle(order)  # no server always runs right after the same one
+        for key, path in order:
+            cls, workers, app = plan[key]
+            rundir = workdir / f"tput-{key}-{path.strip('/') or 'root'}-{rnd + 1}"
+            rundir.mkdir()
+            server = cls(python, rundir, workers, app)
+            server.start(settle=0.0)  # wait_idle waits at least a second
+            try:
+                idle = wait_idle()
+                Wrk(server.port, 1, path=path).finish()  # warm-up: connections, allocator, caches
                 kept: dict[str, Any] | None = None
                 for attempt in range(3):
                     run = _throughput_run(server, path, seconds, rnd)
                     run["attempt"] = attempt + 1
+                    run.update(idle)
                     attempts_all.append(run)
                     print(f"[tput {rnd + 1}/{rounds}] {key:22} {path:5} {run['rps']:8.0f} req/s"
                           + (f", {run['failed']} failed" if run["failed"] else "")
+                          + (f", p99 {run['p99_ms']:.1f} ms" if path == "/slow" and run["p99_ms"] else "")
                           + f", {fmt(run['cpu_us'], ' µs', 1)} server CPU a request"
-                          + f"  (other processes: {run['others_pct']}% of the machine)", flush=True)  # fmt: skip
+                          + f"  (other processes: {run['others_pct']}% of the machine; idle check "
+                          + f"{idle['idle_others_pct']}% after {idle['idle_waited_s']} s)", flush=True)  # fmt: skip
                     if kept is None or run["others_pct"] < kept["others_pct"]:
                         kept = run
                     if run["others_pct"] <= DISTURBED_PCT or retries <= 0 or attempt == 2:
@@ -789,16 +1042,13 @@ def phase_throughput(
                     print(f"[tput {rnd + 1}/{rounds}] {'':22} disturbed: once more", flush=True)
                 assert kept is not None
                 runs[key][path].append(kept)
-            if rnd < balance_runs:
-                for key in names[rnd % len(names) :] + names[: rnd % len(names)]:
-                    server = servers[key]
-                    report = scenario_balance(server, balance_seconds, server.workdir / f"wrk-balance-{rnd + 1}.txt")
+                if rnd < balance_runs and key in names and path == "/":
+                    report = scenario_balance(server, balance_seconds, rundir / "wrk-balance.txt")
                     balance[key].append(report)
                     print(f"[tput {rnd + 1}/{rounds}] {key:22} c. balance at {TPUT_WORKERS} workers max/min "
                           f"{fmt(report['ratio'])} counts {report['counts']}", flush=True)  # fmt: skip
-    finally:
-        for server in servers.values():
-            server.stop()
+            finally:
+                server.stop()
     return {"runs": runs, "balance": balance, "rounds": rounds, "seconds": seconds, "attempts": attempts_all,
             "micro": micro}  # fmt: skip
 
@@ -808,7 +1058,8 @@ def _throughput_run(server: Server, path: str, seconds: float, rnd: int) -> dict
     name = path.strip("/") or "root"
     out = server.workdir / f"wrk-{name}-{rnd + 1}-{time.monotonic_ns()}.txt"
     result = Wrk(server.port, seconds, path=path, out=out).finish()
-    run = {"round": rnd + 1, "rps": result.rps, "requests": result.requests, "failed": result.failed, **cpu.stop()}
+    run = {"round": rnd + 1, "rps": result.rps, "requests": result.requests, "failed": result.failed,
+           "p99_ms": result.p99_ms, **cpu.stop()}  # fmt: skip
     # CPU the server's whole process tree (ours: the primary too) spent per request: moved far less than
     # requests/s by other processes taking turns on the cores.
     run["cpu_us"] = round(1e6 * run["server_cpu_s"] / result.requests, 2) if result.requests else None
@@ -847,7 +1098,7 @@ def _paired(
 
 def summarize_throughput(data: dict[str, Any]) -> dict[str, Any]:
     runs = data["runs"]
-    summary: dict[str, Any] = {"rps": {}, "cpu_us": {}, "root_cpu_us": {}, "ratio": {}, "failed": {}}
+    summary: dict[str, Any] = {"rps": {}, "cpu_us": {}, "root_cpu_us": {}, "p99_ms": {}, "ratio": {}, "failed": {}}
     for key, paths in runs.items():
         for path, samples in paths.items():
             if samples:
@@ -856,18 +1107,23 @@ def summarize_throughput(data: dict[str, Any]) -> dict[str, Any]:
                 summary["root_cpu_us"][f"{key} {path}"] = _spread(
                     [r["root_cpu_us"] for r in samples if r["root_cpu_us"] is not None]
                 )
+                summary["p99_ms"][f"{key} {path}"] = _spread([r["p99_ms"] for r in samples if r["p99_ms"]])
                 summary["failed"][f"{key} {path}"] = sum(r["failed"] for r in samples)
     for path in TPUT_PATHS:
         for peer in ("gunicorn", "uvicorn"):
             summary["ratio"][f"ours/{peer} {path}"] = _paired(runs, "ours", peer, path)
-    summary["ratio"]["ours-1/uvicorn-single /"] = _paired(runs, "ours-1", "uvicorn-single", "/")
-    summary["ratio"]["metrics/bare /"] = _paired(runs, "uvicorn-single-metrics", "uvicorn-single", "/")
-    summary["ratio"]["cpu ours-1/uvicorn-single /"] = _paired(runs, "ours-1", "uvicorn-single", "/", "cpu_us")
-    summary["ratio"]["cpu metrics/bare /"] = _paired(runs, "uvicorn-single-metrics", "uvicorn-single", "/", "cpu_us")
-    for path in TPUT_PATHS:
-        for peer in ("gunicorn", "uvicorn"):
             summary["ratio"][f"cpu ours/{peer} {path}"] = _paired(runs, "ours", peer, path, "cpu_us")
+            summary["ratio"][f"p99 ours/{peer} {path}"] = _paired(runs, "ours", peer, path, "p99_ms")
+    summary["ratio"]["ours-1/uvicorn-single /"] = _paired(runs, "ours-1", "uvicorn-single", "/")
+    summary["ratio"]["cpu ours-1/uvicorn-single /"] = _paired(runs, "ours-1", "uvicorn-single", "/", "cpu_us")
+    summary["ratio"]["metrics/bare /"] = _paired(runs, "uvicorn-single-metrics", "uvicorn-single-demo", "/")
+    summary["ratio"]["cpu metrics/bare /"] = _paired(
+        runs, "uvicorn-single-metrics", "uvicorn-single-demo", "/", "cpu_us"
+    )
     every = [r for paths in runs.values() for samples in paths.values() for r in samples]
+    summary["idle_waited_s"] = _spread([r["idle_waited_s"] for r in every])
+    summary["idle_others_pct"] = _spread([r["idle_others_pct"] for r in every])
+    summary["idle_timed_out"] = sum(1 for r in every if r["idle_others_pct"] >= IDLE_PCT)
     summary["others_pct"] = _spread([r["others_pct"] for r in every])
     summary["others_pct_all_attempts"] = _spread([r["others_pct"] for r in data["attempts"]])
     summary["steal_pct"] = _spread([r["steal_pct"] for r in every])
@@ -1035,15 +1291,16 @@ def env_versions(python: str) -> dict[str, str]:
         return {}
 
 
-def work_ms(python: str) -> float | None:
-    """What the demo's `/work` endpoint burns per request on this machine (its hashing alone), in ms."""
+def slow_ms(python: str) -> float | None:
+    """What plain_app's `/slow` burns per request on this machine (its hashing alone), in ms."""
     code = (
-        "import time; from runtime.demo import _burn_cpu\n"
-        "_burn_cpu(2); t = time.process_time()\n"
-        "for _ in range(200): _burn_cpu(2)\n"
+        "import time; from plain_app import burn\n"
+        "burn(); t = time.process_time()\n"
+        "for _ in range(200): burn()\n"
         "print((time.process_time() - t) / 200 * 1000)"
     )
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     try:
         return float(out.stdout.strip())
     except ValueError:
@@ -1086,7 +1343,31 @@ def fmt(value: float | None, unit: str = "", digits: int = 2) -> str:
     return f"{value:.{digits}f}{unit}"
 
 
-def summarize(runs: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, Any]]:
+def summarize_restarts(data: dict[str, Any]) -> dict[str, Any]:
+    """j: kill → serving per cell, ms (median and max); m: idle reload per server, s (median, min-max)."""
+    kills = {}
+    for key, samples in data["kill"].items():
+        serving = [1000 * k["serving"] for k in samples if k["serving"] is not None]
+        kills[key] = {**(_spread(serving) or {}), "never": len(samples) - len(serving)}
+    return {"kill_ms": kills, "reload_s": {name: _spread(times) for name, times in data["reload_idle"].items()}}
+
+
+def _memory_summary(memory: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the reps of each rep's per-worker median (MiB); the fork server's USS for ours."""
+    helpers = [h["uss"] for m in memory for h in m["helpers"]]
+    return {
+        "uss_mib": _spread([m["uss"] / MIB for m in memory if m["uss"] is not None]),
+        "pss_mib": _spread([m["pss"] / MIB for m in memory if m["pss"] is not None]),
+        "helper_uss_mib": _spread([u / MIB for u in helpers]),
+    }
+
+
+def _by_rep(a: list[dict[str, Any]], b: list[dict[str, Any]], field: str) -> dict[str, float] | None:
+    """a's `field` over b's, rep by rep (the runs a few seconds apart), then median and min-max."""
+    return _spread([x[field] / y[field] for x, y in zip(a, b, strict=False) if x[field] and y[field]])
+
+
+def summarize(runs: dict[str, dict[str, list[Any]]], preload: dict[str, list[Any]]) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
     for name, data in runs.items():
         reloads = data["reload"]
@@ -1115,6 +1396,16 @@ def summarize(runs: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, Any]
             "balance_ratio_runs": [b["ratio"] for b in balance],
             "balance_counts": [b["counts"] for b in balance],
             "balance_rps": median([b["rps"] for b in balance]),
+            "newconn_rps": _spread([n["rps"] for n in data["newconn"]]),
+            "newconn_failed": sum(n["failed"] for n in data["newconn"]),
+            "newconn_cpu_us": _spread([n["cpu_us"] for n in data["newconn"] if n["cpu_us"]]),
+            "newconn_ours_ratio": _by_rep(runs["ours"]["newconn"], data["newconn"], "rps") if "ours" in runs else None,
+            **_memory_summary(data["memory"]),
+        }
+    if "ours" in summary:
+        summary["ours"]["preload"] = {
+            **_memory_summary(preload["memory"]),
+            "newconn_rps": _spread([n["rps"] for n in preload["newconn"]]),
         }
     return summary
 
@@ -1166,13 +1457,24 @@ def _us2(value: float) -> str:
     return f"{value:.2f}"
 
 
+def _d1(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def _secs(value: float) -> str:
+    return f"{value:.1f} s"
+
+
 def _us(value: float) -> str:
     return f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
+TABLE_ORDER = "jmdefklabcghi"  # the issue's figures first, then the others; rows of one letter in the order added
+
+
 def table(
     names: list[str], cluster: dict[str, dict[str, Any]] | None, tput: dict[str, Any] | None,
-    scripts: dict[str, Any] | None, info: dict[str, Any],
+    scripts: dict[str, Any] | None, restarts: dict[str, Any] | None, info: dict[str, Any],
 ) -> str:  # fmt: skip
     """The one table: a row per figure, a column per server (figures of ours alone go in the `ours` column)."""
     columns = list(names) or ["ours"]
@@ -1181,7 +1483,44 @@ def table(
     def add(label: str, cells: dict[str, str]) -> None:
         rows.append((label, cells))
 
+    if restarts:
+        kill_ms = restarts["kill_ms"]
+
+        def median_max(spread: dict[str, Any] | None) -> str:
+            if not spread or "median" not in spread:
+                return "n/a"
+            never = f", {spread['never']} never" if spread["never"] else ""
+            return f"{spread['median']:.0f} (max {spread['max']:.0f}, n {spread['n']}{never})"
+
+        for workers in (2, 1):
+            add(f"j. kill -9 → a fresh connection served by its replacement, {workers} worker"
+                + ("s" if workers > 1 else "") + ", ms: median (max)",
+                {n: median_max(kill_ms.get(f"{n}-{workers}")) for n in names if f"{n}-{workers}" in kill_ms})  # fmt: skip
+        add(f"m. reload of {WORKERS} idle workers, s: median (min–max). ours: `python -m runtime reload` end to end,"
+            f" health_path = \"{RELOAD_HEALTH_PATH}\"; peers: SIGHUP until all pids new and a new pid serves",
+            {n: _range(restarts["reload_s"].get(n), _x) for n in names})  # fmt: skip
+
     if cluster:
+        add(f"k. new connection per request (`wrk -t2 -c64 -H \"Connection: close\"` on `/`), {WORKERS} workers,"
+            " req/s: median (min–max over reps)",
+            {n: _range(cluster[n]["newconn_rps"], _rps)
+             + (f" ({cluster[n]['newconn_failed']} failed)" if cluster[n]["newconn_failed"] else "")
+             for n in cluster})  # fmt: skip
+        add("k. ours ÷ this peer, new connection per request (same rep)",
+            {n: _range(cluster[n]["newconn_ours_ratio"], _x) for n in cluster if n != "ours"})  # fmt: skip
+        add("k. server CPU per request on new connections, µs (all its processes)",
+            {n: _range(cluster[n]["newconn_cpu_us"], _us) for n in cluster})  # fmt: skip
+        add(f"l. private memory per worker, USS, MiB ({WORKERS} workers after k's load; median worker, "
+            "median over reps)", {n: _range(cluster[n]["uss_mib"], _d1) for n in cluster})  # fmt: skip
+        add(f"l. proportional memory per worker, PSS, MiB ({WORKERS} workers, as above)",
+            {n: _range(cluster[n]["pss_mib"], _d1) for n in cluster})  # fmt: skip
+        if "ours" in cluster:
+            pre = cluster["ours"]["preload"]
+            add("l. the same with `[server] preload_app = true`: USS / PSS per worker, MiB",
+                {"ours": f"{_range(pre['uss_mib'], _d1)} / {_range(pre['pss_mib'], _d1)}"})  # fmt: skip
+            add("l. our fork server's USS, MiB: without / with preload_app",
+                {"ours": f"{_range(cluster['ours']['helper_uss_mib'], _d1)} / "
+                         f"{_range(pre['helper_uss_mib'], _d1)}"})  # fmt: skip
         per = [
             ("a. failed requests over 3 rolling restarts (wrk -c64)", lambda s: fmt(s["reload_failed"], digits=0)),
             ("a. failed requests, each run", lambda s: " / ".join(str(x) for x in s["reload_failed_runs"])),
@@ -1226,12 +1565,18 @@ def table(
         add(f"c. requests per worker, {w} workers (median run)",
             {n: _median_counts(b["ratio_runs"], b["counts"]) for n, b in bal.items()})  # fmt: skip
         rps, ratio, cpu = tput["rps"], tput["ratio"], tput["cpu_us"]
-        work = info.get("work_ms")
-        for path, what in (("/", "trivial"), ("/work", f"hashing, {work:.2f} ms CPU here" if work else "CPU")):
-            add(f"d. req/s on `{path}` ({what}), {w} workers, wrk -t2 -c64: median (min–max)",
+        slow = info.get("slow_ms")
+        for path, what in (("/", "trivial"), ("/slow", f"fixed hashing, {slow:.2f} ms CPU here" if slow else "CPU")):
+            add(f"d. req/s on `{path}` ({what}), keep-alive, {w} workers, wrk -t2 -c64: median (min–max)",
                 {n: _range(rps.get(f"{n} {path}"), _rps) for n in names})  # fmt: skip
             add(f"d. ours ÷ this peer, req/s on `{path}`, {w} workers (same round): median (min–max)",
                 {n: _range(ratio.get(f"ours/{n} {path}"), _x) for n in ("gunicorn", "uvicorn") if n in names})  # fmt: skip
+            if path == "/slow":
+                add(f"d. p99 latency on `{path}`, {w} workers (wrk --latency), ms: median (min–max)",
+                    {n: _range(tput["p99_ms"].get(f"{n} {path}"), _d1) for n in names})  # fmt: skip
+                add(f"d. ours ÷ this peer, p99 on `{path}` (same round; < 1: ours answers sooner)",
+                    {n: _range(ratio.get(f"p99 ours/{n} {path}"), _x) for n in ("gunicorn", "uvicorn")
+                     if n in names})  # fmt: skip
             add(f"d. server CPU per request on `{path}`, µs (all its processes)",
                 {n: _range(cpu.get(f"{n} {path}"), _us) for n in names})  # fmt: skip
             if path == "/":
@@ -1249,17 +1594,19 @@ def table(
             {"ours": _range(tput["root_cpu_us"].get("ours-1 /"), _us2)})  # fmt: skip
         add("e. ours ÷ plain uvicorn, CPU per request, 1 worker (same round)",
             {"uvicorn": _range(ratio.get("cpu ours-1/uvicorn-single /"), _x)})  # fmt: skip
-        add("f. one plain uvicorn process serving `MetricsMiddleware(app)`: req/s on `/`",
-            {"ours": _range(rps.get("uvicorn-single-metrics /"), _rps)})  # fmt: skip
-        add("f. metrics middleware cost in req/s: 1 − with ÷ without (without: e's plain uvicorn, same round)",
+        add("f. one plain uvicorn process serving the demo app: req/s on `/`, bare / inside `MetricsMiddleware`",
+            {"ours": f"{_range(rps.get('uvicorn-single-demo /'), _rps)} / "
+                     f"{_range(rps.get('uvicorn-single-metrics /'), _rps)}"})  # fmt: skip
+        add("f. metrics middleware cost in req/s: 1 − with ÷ without (same round)",
             {"ours": _range(ratio.get("metrics/bare /"), _pct, _less)})  # fmt: skip
-        add("f. the same process's CPU per request on `/`, µs",
-            {"ours": _range(cpu.get("uvicorn-single-metrics /"), _us)})  # fmt: skip
+        add("f. the same processes' CPU per request on `/`, µs: bare / with the middleware",
+            {"ours": f"{_range(cpu.get('uvicorn-single-demo /'), _us)} / "
+                     f"{_range(cpu.get('uvicorn-single-metrics /'), _us)}"})  # fmt: skip
         add("f. metrics middleware cost in CPU per request: with ÷ without − 1 (same round)",
             {"ours": _range(ratio.get("cpu metrics/bare /"), _pct, _more)})  # fmt: skip
-        micro, bare_cpu = tput.get("micro"), cpu.get("uvicorn-single /")
+        micro, bare_cpu = tput.get("micro"), cpu.get("uvicorn-single-demo /")
         add("f. the middleware alone, app called in-process (no server): µs added per request,"
-            " and that as a share of e's plain uvicorn CPU per request",
+            " and that as a share of the bare demo process's CPU per request",
             {"ours": f"{micro['added_us']:.2f} µs" + (f" = {100 * micro['added_us'] / bare_cpu['median']:.1f}%"
                                                       if bare_cpu else "") if micro else "n/a"})  # fmt: skip
 
@@ -1283,6 +1630,7 @@ def table(
             n_workers = value["workers"] if value else 8
             add(f"i. primary's own CPU (% of one core) / RSS, {n_workers} idle workers, {what}", {"ours": cell})
 
+    rows.sort(key=lambda row: TABLE_ORDER.index(row[0][0]))  # stable: a letter's rows stay in order
     out = ["| figure | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
     for label, cells in rows:
         out.append(f"| {label} | " + " | ".join(cells.get(c, "–") for c in columns) + " |")
@@ -1306,7 +1654,7 @@ def _median_low(values: list[float]) -> float | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer and shorter runs (about 3 minutes, not 8)")
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter runs (under 4 minutes, not 12)")
     parser.add_argument("--python", metavar="PATH", help="an env with the project, gunicorn and uvicorn-worker")
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of: ours,gunicorn,uvicorn")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of: " + ",".join(PHASES))
@@ -1331,16 +1679,19 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown phase(s): {', '.join(unknown)}")
     quick = args.quick
-    # throughput phase: rounds of interleaved wrk runs
-    tput_rounds = 1 if quick else 7
+    # throughput phase: rounds of interleaved cells, each on a fresh server
+    tput_rounds = 1 if quick else 5
     tput_seconds = 2
-    # cluster phase: reps of (balance, kills, reloads) per server
+    # restarts phase: kills per cell (j), idle reloads per server (m)
+    restart_kills = 1 if quick else 5
+    idle_reloads = 2 if quick else 5
+    # cluster phase: reps of (new connections, memory, balance, kills, reloads) per server
     reps = 1 if quick else 3
-    kills_total = 5
-    balance_seconds = 5
+    newconn_seconds = 3
+    kills_total = 2 if quick else 5
+    balance_seconds = 3  # the 64 connections are placed in the first milliseconds
     balance_runs = 1 if quick else 2  # placement varies a lot from one wrk start to the next
     balance2_runs = 1 if quick else 3  # at 2 workers, in the throughput phase: one per round
-    balance2_seconds = 3  # the 64 connections are placed in the first milliseconds
     tput_retries = 3 if quick else 10  # runs disturbed by other processes, run again (2 s each)
 
     info: dict[str, Any] = {
@@ -1350,15 +1701,17 @@ def main() -> int:
     }
     # What the machine is doing before we start anything: other people's jobs skew every figure.
     info["cpu_busy_before_pct"] = psutil.cpu_percent(interval=2.0)
-    info["work_ms"] = work_ms(python)
+    info["slow_ms"] = slow_ms(python)
     print(f"machine: {info['machine']}; CPU busy before we start: {info['cpu_busy_before_pct']}%", flush=True)
-    print(f"versions: {info['versions']}; /work hashes for {fmt(info['work_ms'], ' ms')} a request here", flush=True)
+    print(f"versions: {info['versions']}; /slow hashes for {fmt(info['slow_ms'], ' ms')} a request here", flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="clusterctl-bench-"))
     runs: dict[str, dict[str, list[Any]]] = {
-        n: {"reload": [], "kill": [], "kill_young": [], "balance": []} for n in servers
+        n: {"reload": [], "kill": [], "kill_young": [], "balance": [], "newconn": [], "memory": []} for n in servers
     }
+    preload: dict[str, list[Any]] = {"newconn": [], "memory": []}  # ours with preload_app = true (l)
     tput_data: dict[str, Any] | None = None
+    restarts: dict[str, Any] | None = None
     script_results: dict[str, Any] | None = None
     started = time.monotonic()
     took: dict[str, float] = {}
@@ -1366,8 +1719,12 @@ def main() -> int:
         if "throughput" in phases:
             t0 = time.monotonic()
             tput_data = phase_throughput(python, workdir, servers, tput_rounds, tput_seconds, balance2_runs,
-                                         balance2_seconds, tput_retries)  # fmt: skip
+                                         balance_seconds, tput_retries)  # fmt: skip
             took["throughput"] = time.monotonic() - t0
+        if "restarts" in phases:
+            t0 = time.monotonic()
+            restarts = phase_restarts(python, workdir, servers, restart_kills, idle_reloads)
+            took["restarts"] = time.monotonic() - t0
         if "cluster" in phases:
             t0 = time.monotonic()
             for rep in range(reps):
@@ -1378,7 +1735,17 @@ def main() -> int:
                     server = SERVER_CLASSES[name](python, rundir)
                     server.start()
                     try:
-                        run_cluster_rep(server, runs[name], rep, reps, kills, balance_runs, balance_seconds)
+                        run_cluster_rep(server, runs[name], rep, reps, kills, balance_runs, balance_seconds,
+                                        newconn_seconds)  # fmt: skip
+                    finally:
+                        server.stop()
+                if "ours" in servers:  # a 4th server, for l's preload figure alone
+                    rundir = workdir / f"ours-preload-{rep + 1}"
+                    rundir.mkdir()
+                    server = Ours(python, rundir, WORKERS, preload=True)
+                    server.start()
+                    try:
+                        newconn_and_memory(server, preload, rep, reps, newconn_seconds, "preload")
                     finally:
                         server.stop()
             took["cluster"] = time.monotonic() - t0
@@ -1388,7 +1755,8 @@ def main() -> int:
             took["scripts"] = time.monotonic() - t0
         info["loadavg_after"] = _loadavg()
         info["seconds"] = {k: round(v) for k, v in took.items()}
-        cluster = summarize(runs) if "cluster" in phases else None
+        cluster = summarize(runs, preload) if "cluster" in phases else None
+        restart_summary = summarize_restarts(restarts) if restarts is not None else None
         tput = summarize_throughput(tput_data) if tput_data else None
         scripts = parse_scripts(script_results) if script_results is not None else None
         print(f"\n{info['mode']} run, {time.monotonic() - started:.0f} s ("
@@ -1403,16 +1771,21 @@ def main() -> int:
                   f"{tput['runs_kept']} runs kept: {_range(tput['others_pct'], pct)}, "
                   f"{tput['disturbed_kept']} still above {DISTURBED_PCT:.0f}%; "
                   f"steal {_range(tput['steal_pct'], pct)}")  # fmt: skip
+            print(f"idle check before each cell: waited {_range(tput['idle_waited_s'], _secs)} "
+                  f"beyond its first second, others then at {_range(tput['idle_others_pct'], pct)}; "
+                  f"{tput['idle_timed_out']} cell(s) started after {IDLE_WAIT:.0f} s without an idle second")  # fmt: skip
             failed = {k: v for k, v in tput["failed"].items() if v}
             if failed:
                 print(f"throughput runs with failed requests (socket errors or non-2xx): {failed}")
         if cluster:
             print(f"cluster: {reps} interleaved rep(s) per server at {WORKERS} workers")
         print()
-        print(table(servers, cluster, tput, scripts, info))
+        print(table(servers, cluster, tput, scripts, restart_summary, info))
         if args.json:
             Path(args.json).write_text(json.dumps(
-                {**info, "summary": cluster, "runs": runs, "throughput": {"summary": tput, "raw": tput_data},
+                {**info, "summary": cluster, "runs": runs, "preload": preload,
+                 "restarts": {"summary": restart_summary, "raw": restarts},
+                 "throughput": {"summary": tput, "raw": tput_data},
                  "scripts": {"parsed": scripts, "raw": script_results}}, indent=2, default=str))  # fmt: skip
         return 0
     finally:
@@ -1425,11 +1798,13 @@ def main() -> int:
 
 def run_cluster_rep(
     server: Server, runs: dict[str, list[Any]], rep: int, reps: int, kills: int, balance_runs: int,
-    balance_seconds: float,
+    balance_seconds: float, newconn_seconds: float,
 ) -> None:  # fmt: skip
-    """One rep of the cluster phase on a fresh server: c (balance), b (kills), a (reloads), b (young victim)."""
+    """One rep of the cluster phase on a fresh server: k (new connections) then l (memory), c (balance),
+    b (kills), a (reloads), b (young victim)."""
     name = server.name
     rundir = server.workdir
+    newconn_and_memory(server, runs, rep, reps, newconn_seconds, name)
     for b in range(balance_runs):
         balance = scenario_balance(server, balance_seconds, rundir / f"wrk-balance-{b + 1}.txt")
         runs["balance"].append(balance)
@@ -1454,6 +1829,28 @@ def run_cluster_rep(
         print(f"[{rep + 1}/{reps}] {name:8} b. kill -9 {k['victim']} (age {k['victim_age_s']} s, "
               f"just after the reloads): up {fmt(k['up'] and 1000 * k['up'], ' ms', 0)}, "
               f"serving {fmt(k['serving'] and 1000 * k['serving'], ' ms', 0)}", flush=True)  # fmt: skip
+
+
+def newconn_and_memory(
+    server: Server, runs: dict[str, list[Any]], rep: int, reps: int, newconn_seconds: float, label: str
+) -> None:
+    """k and l on a fresh server: new connection per request, then memory right after that load."""
+    newconn = scenario_newconn(server, newconn_seconds, server.workdir / "wrk-newconn.txt")
+    runs["newconn"].append(newconn)
+    print(f"[{rep + 1}/{reps}] {label:8} k. new connection per request: {newconn['rps']:.0f} req/s"
+          + (f", {newconn['failed']} failed" if newconn["failed"] else "")
+          + f", {fmt(newconn['cpu_us'], ' µs', 1)} server CPU a request (other processes: {newconn['others_pct']}%"
+          + f" of the machine; idle check {newconn['idle_others_pct']}% after {newconn['idle_waited_s']} s)",
+          flush=True)  # fmt: skip
+    memory = server.memory()
+    runs["memory"].append(memory)
+    helpers = "".join(f", fork server USS {_mib(h['uss'])} MiB" for h in memory["helpers"])
+    print(f"[{rep + 1}/{reps}] {label:8} l. per worker, median of {len(memory['workers'])}: "
+          f"USS {_mib(memory['uss'])} MiB, PSS {_mib(memory['pss'])} MiB{helpers}", flush=True)  # fmt: skip
+
+
+def _mib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / MIB:.1f}"
 
 
 def _sigterm(signum: int, frame: Any) -> None:
