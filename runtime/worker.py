@@ -265,11 +265,12 @@ class Acceptor:
     connection. Out of file descriptors, it stops accepting for a back-off
     instead of spinning on the failure.
 
-    While they do not (a new connection per request: `balance.CHURN`), where a
-    connection lands does not last, and each one costs the Python accept path
+    Connections that do not last (`balance.CHURN`) are not worth placing, so it
+    never steps aside for them; and while many arrive (a new connection per
+    request, `balance.CHURN_RATE`), each would cost the Python accept path
     about a tenth of its whole CPU: uvloop's own server accepts instead, in C,
     on a duplicate of the listening descriptor (closing it leaves the shared
-    socket open), until connections last again. Either way a connection gets
+    socket open), until that stops. Either way a connection gets
     `header_timeout` seconds to send its request head.
     """
 
@@ -291,7 +292,10 @@ class Acceptor:
         self.loop = asyncio.get_running_loop()  # looked up once: each lookup costs a getpid() system call
         self._deferred_since: float | None = None
         self.lifetime = math.inf  # running average of its connections' lifetimes, seconds (none closed yet)
-        self.closed = 0  # connections closed so far
+        self.made = 0  # connections made so far (counted in the protocol, whoever accepted them)
+        self._made_before = 0  # ... at the last look at the accept rate
+        self._looking: asyncio.TimerHandle | None = None
+        self.churning = False  # many connections a second that do not last (see `_look`)
         # The listeners it is stepping aside on (not reading) for now, with the timer that ends that.
         self._aside: dict[int, asyncio.TimerHandle] = {}
         self._backoff = 0.0
@@ -306,19 +310,14 @@ class Acceptor:
 
     def publish(self) -> None:
         if self.board is not None and self.accepting:
-            # While it steps aside it is not accepting: nobody must step aside for it (otherwise
-            # workers wait for each other, each away while it is the least loaded).
-            self.board.set(self.index, balance.OFF if self._aside else self.connections() + len(self.pending))
+            self.board.set(self.index, self.connections() + len(self.pending))
 
     def connection_ended(self, lifetime: float) -> None:
         """One of its connections closed after `lifetime` seconds: it may now be the least loaded."""
-        self.closed += 1
         if self.lifetime == math.inf:
             self.lifetime = lifetime
         else:
             self.lifetime += (lifetime - self.lifetime) * balance.LIFETIME_WEIGHT
-        if self._native and self.lifetime >= balance.CHURN:
-            self._accept_in_python()
         if self._aside:
             for fd, timer in list(self._aside.items()):
                 timer.cancel()
@@ -335,13 +334,24 @@ class Acceptor:
             loop.add_reader(sock.fileno(), self._accept, sock)
         self.accepting = True
         self.publish()
+        self._looking = loop.call_later(balance.LOOK_EVERY, self._look)
+
+    def _look(self) -> None:
+        """Once a second: many connections a second that do not last → uvloop's server; else the Python path."""
+        rate = (self.made - self._made_before) / balance.LOOK_EVERY
+        self._made_before = self.made
+        self.churning = rate >= balance.CHURN_RATE and self.lifetime < balance.CHURN
+        if self.churning and not self._native and self._backoff_timer is None:
+            for listener in self.sockets:
+                self._accept_natively(listener)
+        elif not self.churning and self._native:
+            self._accept_in_python()
+        if self.accepting:
+            self._looking = self.loop.call_later(balance.LOOK_EVERY, self._look)
 
     def _accept(self, listener: socket.socket) -> None:
         loop = self.loop
-        if self.lifetime < balance.CHURN and self.closed >= balance.CHURN_EVIDENCE:
-            self._accept_natively(listener)
-            return
-        if self.board is not None and self._step_aside(loop.time()):
+        if self.board is not None and not self.churning and self._step_aside(loop.time()):
             loop.remove_reader(listener.fileno())
             self._aside[listener.fileno()] = loop.call_later(balance.DEFER, self._resume, listener)
             self.publish()
@@ -460,6 +470,8 @@ class Acceptor:
             for sock in self.sockets:
                 loop.remove_reader(sock.fileno())
         self.accepting = False
+        if self._looking is not None:
+            self._looking.cancel()
         if self._native:
             servers = list(self._native.values())
             self._native.clear()
@@ -508,6 +520,7 @@ def _guarded(protocol: Callable[..., asyncio.Protocol], acceptor: Acceptor, head
     class Guarded(base):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self._opened = loop.time()
+            acceptor.made += 1
             self._header_deadline = loop.call_later(header_timeout, _close_if_no_request, self)
             super().connection_made(CoalescingTransport(transport, loop))  # type: ignore[arg-type]
 

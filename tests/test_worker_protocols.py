@@ -327,26 +327,35 @@ def _listening_descriptors(pid: int, port: int) -> int:
     return count
 
 
-def test_connections_that_do_not_last_are_accepted_by_uvloops_server_until_they_last_again(start_cluster):
-    """A connection per request: no stepping aside, and uvloop's server accepts (on a duplicate of the
-    listening socket). Lasting connections again: back to accepting in Python, with balance."""
+def _one_connection_per_request(port: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/", headers={"Connection": "close"})
+    assert conn.getresponse().read() == b"ok"
+    conn.close()
+
+
+def test_many_connections_a_second_that_do_not_last_are_accepted_by_uvloops_server(start_cluster):
+    """Hundreds of connections a second, a request each: no stepping aside, and uvloop's server accepts
+    (on a duplicate of the listening socket). Once they stop, back to the Python path, with balance."""
     cluster = start_cluster(app="stream_app:app", workers=1)
     pid = _worker_pid(cluster)
     assert _listening_descriptors(pid, cluster.port) == 1
-    for _ in range(50):
-        conn = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=5)
-        conn.request("GET", "/", headers={"Connection": "close"})
-        assert conn.getresponse().read() == b"ok"
-        conn.close()
-    wait_for(lambda: _listening_descriptors(pid, cluster.port) == 2, 5, "uvloop's server on a duplicate")
-    lasting = [http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=5) for _ in range(24)]
-    for conn in lasting:
-        conn.request("GET", "/")
-        assert conn.getresponse().read() == b"ok"
-    time.sleep(1.5)  # let them last (what is measured is their lifetime)
-    for conn in lasting:
-        conn.request("GET", "/")
-        assert conn.getresponse().read() == b"ok"
-        conn.close()
+    deadline = time.monotonic() + 10
+    while _listening_descriptors(pid, cluster.port) == 1:
+        assert time.monotonic() < deadline, "still accepting in Python under a connection per request"
+        for _ in range(100):
+            _one_connection_per_request(cluster.port)
+    for _ in range(200):  # served as ever
+        _one_connection_per_request(cluster.port)
     wait_for(lambda: _listening_descriptors(pid, cluster.port) == 1, 5, "accepting in Python again")
     assert get(cluster.port)[1] == b"ok"
+
+
+def test_a_health_check_s_few_short_connections_leave_accepting_to_the_python_path(start_cluster):
+    cluster = start_cluster(app="stream_app:app", workers=1)
+    pid = _worker_pid(cluster)
+    until = time.monotonic() + 2.5  # more than two looks at the rate
+    while time.monotonic() < until:
+        _one_connection_per_request(cluster.port)
+        time.sleep(0.02)
+        assert _listening_descriptors(pid, cluster.port) == 1
