@@ -175,13 +175,12 @@ class MetricsMiddleware:
         self.forwarded = forwarded
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            if self.forwarded is not None and scope["type"] == "websocket":
-                self.forwarded.apply(scope)
+        kind = scope["type"]
+        if self.forwarded is not None and kind != "lifespan":
+            self.forwarded.apply(scope)
+        if kind != "http":
             await self.app(scope, receive, send)
             return
-        if self.forwarded is not None:
-            self.forwarded.apply(scope)
         counters = self.counters
         worker = self.worker
         status = 0
@@ -303,7 +302,8 @@ class Acceptor:
         self._failures = 0  # accepts failed since the last one that worked
         self._failing_since = 0.0
         self.factory = _guarded(protocol, self, header_timeout)
-        self._accepted = {sock.fileno(): _accepted_sockets(sock) for sock in sockets}
+        self._listeners = {sock.fileno(): sock for sock in sockets}
+        self._accepted = {fd: _accepted_sockets(sock) for fd, sock in self._listeners.items()}
         # Listeners served by uvloop's own server for now (connections do not last): fd → its server,
         # or the task still creating it.
         self._native: dict[int, asyncio.Task[asyncio.AbstractServer]] = {}
@@ -318,12 +318,10 @@ class Acceptor:
             self.lifetime = lifetime
         else:
             self.lifetime += (lifetime - self.lifetime) * balance.LIFETIME_WEIGHT
-        if self._aside:
-            for fd, timer in list(self._aside.items()):
-                timer.cancel()
-                self._resume(next(sock for sock in self.sockets if sock.fileno() == fd))
-        else:
-            self.publish()
+        self.publish()
+        for fd, timer in list(self._aside.items()):
+            timer.cancel()
+            self._resume(self._listeners[fd])
 
     def start(self) -> None:
         if self.accepting:
@@ -407,8 +405,7 @@ class Acceptor:
         for fd, creating in self._native.items():
             _close_server(creating)
             if self.accepting and self._backoff_timer is None:
-                listener = next(sock for sock in self.sockets if sock.fileno() == fd)
-                self.loop.add_reader(fd, self._accept, listener)
+                self.loop.add_reader(fd, self._accept, self._listeners[fd])
         self._native.clear()
 
     def _back_off(self, loop: asyncio.AbstractEventLoop, exc: OSError) -> None:
@@ -457,7 +454,6 @@ class Acceptor:
             return  # resumed already
         if self.accepting and self._backoff_timer is None and listener.fileno() not in self._native:
             self.loop.add_reader(listener.fileno(), self._accept, listener)
-            self.publish()
 
     def _connected(self, task: asyncio.Task[Any]) -> None:
         self.pending.discard(task)

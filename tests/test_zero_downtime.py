@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 from conftest import Load, get, wait_for
+
+
+def _reload_twice_under(load: Load, cluster: Any, requests: int) -> None:
+    """`requests` served, two rolling restarts (generations 2 and 3), `requests` more served."""
+    load.wait_requests(requests)
+    for generation in (2, 3):
+        result = cluster.cli("reload")
+        assert result.returncode == 0, result.stderr
+        assert f"generation {generation}" in result.stdout
+    load.wait_requests(requests)
 
 
 def test_rolling_restart_under_keepalive_load_drops_nothing(start_cluster):
     cluster = start_cluster(workers=3)
     before = {w["pid"] for w in cluster.status()["workers"]}
     with Load(cluster.port, clients=16) as load:
-        load.wait_requests(500)
-        for generation in (2, 3):
-            result = cluster.cli("reload")
-            assert result.returncode == 0, result.stderr
-            assert f"generation {generation}" in result.stdout
-        load.wait_requests(500)
+        _reload_twice_under(load, cluster, requests=500)
     assert load.failures == [], load.failures[:5]
     workers = cluster.wait_ready(3)
     assert {w["generation"] for w in workers} == {3}
@@ -30,12 +36,7 @@ def test_rolling_restart_under_a_connection_per_request_drops_nothing(start_clus
     runtime.balance), and a drain must still hand over every connection it accepted."""
     cluster = start_cluster(workers=3)
     with Load(cluster.port, clients=16, new_connection=True) as load:
-        load.wait_requests(1000)
-        for generation in (2, 3):
-            result = cluster.cli("reload")
-            assert result.returncode == 0, result.stderr
-            assert f"generation {generation}" in result.stdout
-        load.wait_requests(1000)
+        _reload_twice_under(load, cluster, requests=1000)
     assert load.failures == [], load.failures[:5]
     assert {w["generation"] for w in cluster.wait_ready(3)} == {3}
 
